@@ -1,0 +1,5 @@
+"""``python -m packetless``: the same as the ``packetless`` console script."""
+
+from packetless.cli import main
+
+main()
