@@ -293,7 +293,7 @@ def failure_cause(logs: list[Path]) -> str | None:
     lines = [ln for path in logs for ln in _tail(path)]
     for line in lines:
         if "Address already in use" in line:
-            match = re.search(r":(\d+)\b[^:]*Address already in use", line)
+            match = re.search(r":(\d+)[:\s.]*Address already in use", line)
             return port_taken_message(int(match[1])) if match else line.strip()
     errors = [ln.strip() for ln in lines if re.search(r"\b(ERROR|FATAL)\b", ln)]
     return errors[-1] if errors else None
@@ -305,7 +305,10 @@ def wait_ready(bootstrap: str, timeout: float, *, logs: list[Path] | None = None
 
     logs (server.log, broker.out) explain a failure; proc, if given, is watched for early exit.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    # Quiet (refusals are expected while the JVM starts) and short reconnect backoff, so
+    # readiness is noticed within half a second.
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0,
+                         "reconnect.backoff.max.ms": 500})
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:

@@ -130,15 +130,11 @@ def _already_running(data_dir: Path) -> int | None:
     return pid if psutil.pid_exists(pid) else None
 
 
-def start(options: StackOptions, stack: Stack, say: Callable[[str], None]) -> None:
-    """Start every part in order, waiting for each to be ready; raises StackError."""
+def start_infrastructure(options: StackOptions, stack: Stack, say: Callable[[str], None]) -> None:
+    """Start Kafka and the registry, create the topics and register the schemas."""
     s = options.settings
     s.bootstrap_servers = f"127.0.0.1:{options.kafka_port}"
     s.registry_url = f"http://127.0.0.1:{options.registry_port}/apis/ccompat/v7"
-    logs = s.data_dir / "logs"
-    env = {"PACKETLESS_BOOTSTRAP_SERVERS": s.bootstrap_servers,
-           "PACKETLESS_REGISTRY_URL": s.registry_url, "PACKETLESS_DATA_DIR": str(s.data_dir),
-           "PACKETLESS_TOPIC_PREFIX": s.topic_prefix}
     try:
         t0 = time.monotonic()
         classpath = broker.ensure_fetched(s.cache_dir, say)
@@ -157,7 +153,7 @@ def start(options: StackOptions, stack: Stack, say: Callable[[str], None]) -> No
         runner = registry.ensure_built(s.cache_dir, say)
         say(f"starting the schema registry on 127.0.0.1:{options.registry_port}")
         part = _spawn("registry", registry.command(runner, s.data_dir, options.registry_port,
-                                                  s.bootstrap_servers), logs / "registry.log")
+                                                  s.bootstrap_servers), s.data_dir / "logs" / "registry.log")
         stack.parts.append(part)
         registry.wait_ready(s.registry_url, 180, proc=part.proc, log=part.log)
         say(f"schema registry ready ({time.monotonic() - t0:.1f}s)")
@@ -166,13 +162,22 @@ def start(options: StackOptions, stack: Stack, say: Callable[[str], None]) -> No
     created = ensure_topics(s)
     ids = ensure_schemas(Codec(s))
     say(f"topics: {len(created)} created; schemas: {len(ids)} registered (BACKWARD)")
+    stack.info.update(bootstrap_servers=s.bootstrap_servers, registry_url=s.registry_url)
+
+
+def start_workers(options: StackOptions, stack: Stack) -> None:
+    """Start the stream worker and, unless disabled, the sensor, against the local stack."""
+    s = options.settings
+    logs = s.data_dir / "logs"
+    env = {"PACKETLESS_BOOTSTRAP_SERVERS": s.bootstrap_servers,
+           "PACKETLESS_REGISTRY_URL": s.registry_url, "PACKETLESS_DATA_DIR": str(s.data_dir),
+           "PACKETLESS_TOPIC_PREFIX": s.topic_prefix}
     stack.parts.append(_spawn("streams", _cli("streams", "--web-port", str(options.web_port)),
                               logs / "streams.log", env))
     if options.sensor:
         stack.parts.append(_spawn("sensor", _cli("sensor", "--metrics-port",
                                                  str(options.metrics_port)), logs / "sensor.log", env))
-    stack.info.update(bootstrap_servers=s.bootstrap_servers, registry_url=s.registry_url,
-                      web=f"http://127.0.0.1:{options.web_port}", logs=str(logs))
+    stack.info.update(web=f"http://127.0.0.1:{options.web_port}", logs=str(logs))
 
 
 def _status(stack: Stack) -> str:
@@ -204,7 +209,8 @@ def up(options: StackOptions, say: Callable[[str], None] = _say) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.write_state("starting")
-        start(options, stack, say)
+        start_infrastructure(options, stack, say)
+        start_workers(options, stack)
         stack.write_state("ready")
         print(_status(stack), file=sys.stderr, flush=True)
         code = 0

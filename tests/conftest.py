@@ -1,0 +1,69 @@
+"""Shared fixtures: one real Kafka broker and schema registry per test session (from the
+project's own deploy code, on free loopback ports, in a temporary data dir)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy import stack
+from packetless.config import DEFAULT_CACHE_DIR, Settings
+from tests.support.capabilities import require
+
+pytest_plugins = ["tests.support.docker"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 (the controller) are both free."""
+    for _ in range(50):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def start_stack(data_dir: Path, kafka_port: int | None = None,
+                registry_port: int | None = None) -> stack.Stack:
+    """Start broker and registry (no sensor, no worker) from ``data_dir``."""
+    require(shutil.which("java") is not None, "java (apt-get install openjdk-17-jre-headless)")
+    require(shutil.which("mvn") is not None, "mvn (apt-get install maven)")
+    settings = Settings(data_dir=data_dir, cache_dir=DEFAULT_CACHE_DIR,
+                        topic_prefix="packetless.")
+    options = stack.StackOptions(settings=settings, sensor=False,
+                                 kafka_port=kafka_port or free_port_pair(),
+                                 registry_port=registry_port or free_port())
+    running = stack.Stack(options)
+    try:
+        stack.start_infrastructure(options, running, lambda line: print(f"stack: {line}"))
+    except BaseException:
+        running.stop(print)
+        raise
+    return running
+
+
+@pytest.fixture(scope="session")
+def kafka_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack.Stack]:
+    """The session's broker and registry; yields the running stack."""
+    running = start_stack(tmp_path_factory.mktemp("stack"))
+    yield running
+    running.stop(print)
+
+
+@pytest.fixture(scope="session")
+def settings(kafka_stack: stack.Stack) -> Settings:
+    """Settings pointing at the session's broker and registry."""
+    return kafka_stack.options.settings
