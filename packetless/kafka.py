@@ -133,6 +133,7 @@ def ensure_schemas(codec: Codec, suffixes: Iterable[str] | None = None) -> dict[
     registry here, before anything is produced with it.
     """
     ids: dict[str, int] = {}
+    codec.client.set_compatibility(level="BACKWARD")  # the default for subjects created later
     subjects = set(codec.client.get_subjects())
     for suffix in suffixes or TOPICS:
         schema_name = TOPICS[suffix].schema
