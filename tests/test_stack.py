@@ -1,0 +1,95 @@
+"""The local stack as users drive it: restart keeps topics, schemas and data; ``tail`` decodes
+through the registry; a taken port gives a clear message, not a stack trace."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastavro.utils import generate_many
+
+import schemas
+from packetless.config import Settings
+from packetless.kafka import Publisher, admin
+from packetless.serde import Codec
+from packetless.topics import TOPICS, topic_name
+from tests.conftest import free_port, free_port_pair, start_stack
+
+pytestmark = pytest.mark.kafka
+
+
+def cli(*args: str, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "packetless", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    return {"PACKETLESS_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "PACKETLESS_REGISTRY_URL": settings.registry_url,
+            "PACKETLESS_TOPIC_PREFIX": settings.topic_prefix}
+
+
+def test_tail_prints_decoded_json_lines(settings: Settings) -> None:
+    records = list(generate_many(schemas.load("Container"), 3))
+    pub = Publisher(settings)
+    for i, rec in enumerate(records):
+        pub.send("meta.containers", f"tail-{i}", rec)
+    assert pub.flush(30) == 0
+    out = cli("tail", "packetless.meta.containers", "--from-beginning", "--max-messages", "3",
+              "--timeout", "30", env=env_for(settings))
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[:3] == records
+
+
+def test_tail_refuses_an_unknown_topic(settings: Settings) -> None:
+    out = cli("tail", "no.such.topic", "--timeout", "1", env=env_for(settings))
+    assert out.returncode != 0
+    assert "not a Packetless topic" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_restart_keeps_topics_schemas_and_data(tmp_path: Path) -> None:
+    kafka_port, registry_port = free_port_pair(), free_port()
+    first = start_stack(tmp_path, kafka_port, registry_port)
+    try:
+        s = first.options.settings
+        codec = Codec(s)
+        subject = f"{topic_name(s, 'raw.ebpf')}-value"
+        schema_id = codec.client.get_latest_version(subject).schema_id
+        record = next(iter(generate_many(schemas.load("EbpfEvent"), 1)))
+        pub = Publisher(s, codec)
+        pub.send("raw.ebpf", "restart", record)
+        assert pub.flush(30) == 0
+    finally:
+        first.stop(print)
+    second = start_stack(tmp_path, kafka_port, registry_port)
+    try:
+        s = second.options.settings
+        codec = Codec(s)
+        assert codec.client.get_latest_version(subject).schema_id == schema_id
+        out = cli("tail", "packetless.raw.ebpf", "--from-beginning", "--max-messages", "1",
+                  "--timeout", "30", env=env_for(s))
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout.splitlines()[0]) == json.loads(json.dumps(record))
+        topics = admin(s).list_topics(timeout=10).topics
+        assert {topic_name(s, t) for t in TOPICS} <= set(topics)
+    finally:
+        second.stop(print)
+
+
+def test_up_names_a_taken_port(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = cli("up", "--no-sensor", "--data-dir", str(tmp_path), "--kafka-port", str(port),
+                  "--registry-port", str(free_port()))
+    assert out.returncode != 0
+    assert f"port {port} is taken" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
