@@ -1,12 +1,14 @@
 """Real-broker tests of deploy/broker.py: fetch, format once, produce/consume, restart with data.
 
-Each test runs its own Kafka 4.1.1 JVM on free loopback ports in a tmp data dir and stops it.
+Each kafka-marked test runs its own Kafka 4.1.1 JVM on free loopback ports in a tmp data dir and
+stops it; the fetch error tests run the real mvn/java lookups without a broker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +22,6 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy import broker
-
-pytestmark = pytest.mark.kafka
 
 READY_TIMEOUT = 90.0
 
@@ -53,8 +53,7 @@ def launch(cfg: broker.BrokerConfig, classpath: Path) -> subprocess.Popen[bytes]
     broker.prepare(cfg, classpath)
     proc = broker.start(cfg, classpath)
     try:
-        broker.wait_ready(cfg.bootstrap, READY_TIMEOUT, logs=[cfg.server_log, cfg.console_log],
-                          proc=proc)
+        broker.wait_ready(cfg.bootstrap, READY_TIMEOUT, logs=[cfg.server_log, cfg.console_log], proc=proc)
     except BaseException:
         stop(proc)
         raise
@@ -75,8 +74,9 @@ def create_topic(bootstrap: str, name: str) -> None:
 
 
 def consume_all(bootstrap: str, topic: str, expect: int) -> list[tuple[bytes, bytes]]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}", "auto.offset.reset": "earliest"}
+    )
     consumer.subscribe([topic])
     got: list[tuple[bytes, bytes]] = []
     try:
@@ -91,14 +91,20 @@ def consume_all(bootstrap: str, topic: str, expect: int) -> list[tuple[bytes, by
     return got
 
 
+@pytest.mark.kafka
 def test_fetch_is_cached(classpath: Path) -> None:
     lines: list[str] = []
     assert broker.ensure_fetched(broker.DEFAULT_CACHE_DIR, lines.append) == classpath
     assert lines == []  # second call never runs mvn
     jars = {p.name for p in classpath.glob("*.jar")}
     assert {"kafka_2.13-4.1.1.jar", "log4j-core-2.24.3.jar", "log4j-slf4j-impl-2.24.3.jar"} <= jars
+    archive = broker.class_archive(classpath)
+    assert archive.stat().st_size > 10_000_000  # the training run recorded the broker's classes
+    cfg = broker.BrokerConfig(Path("/nonexistent"))
+    assert f"-XX:SharedArchiveFile={archive}" in broker.command(cfg, classpath)
 
 
+@pytest.mark.kafka
 def test_produce_consume_survives_restart(tmp_path: Path, classpath: Path) -> None:
     cfg = make_config(tmp_path)
     topic = "packetless.test.restart"
@@ -127,30 +133,68 @@ def test_produce_consume_survives_restart(tmp_path: Path, classpath: Path) -> No
         assert stop(proc) in (0, 143)
 
 
-def test_taken_port_is_reported_before_start(running: broker.BrokerConfig, tmp_path: Path,
-                                             classpath: Path) -> None:
+@pytest.mark.kafka
+def test_taken_port_is_reported_before_start(
+    running: broker.BrokerConfig, tmp_path: Path, classpath: Path
+) -> None:
     assert not broker.port_free(running.host, running.port)
     cfg = make_config(tmp_path / "second", port=running.port)
     broker.prepare(cfg, classpath)
-    with pytest.raises(broker.BrokerError, match=f"port {running.port} is taken by another "
-                                                 r"process \(java pid \d+\)"):
+    with pytest.raises(
+        broker.BrokerError,
+        match=f"port {running.port} is taken by another "
+        r"process \(java pid \d+\)",
+    ):
         broker.start(cfg, classpath)
 
 
-def test_taken_port_is_read_from_the_broker_log(running: broker.BrokerConfig, tmp_path: Path,
-                                                classpath: Path) -> None:
+@pytest.mark.kafka
+def test_taken_port_is_read_from_the_broker_log(
+    running: broker.BrokerConfig, tmp_path: Path, classpath: Path
+) -> None:
     """If the port is grabbed between the check and the bind, wait_ready explains it."""
     cfg = make_config(tmp_path / "second", port=running.port)
     broker.prepare(cfg, classpath)
     with cfg.console_log.open("ab") as out:
-        proc = subprocess.Popen(broker.command(cfg, classpath), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            broker.command(cfg, classpath), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         with pytest.raises(broker.BrokerError, match=f"port {running.port} is taken"):
-            broker.wait_ready(f"{cfg.host}:{free_port()}", READY_TIMEOUT,
-                              logs=[cfg.server_log, cfg.console_log], proc=proc)
+            broker.wait_ready(
+                f"{cfg.host}:{free_port()}", READY_TIMEOUT, logs=[cfg.server_log, cfg.console_log], proc=proc
+            )
     finally:
         stop(proc)
+
+
+def test_fetch_without_mvn_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    java = shutil.which("java")
+    if java is not None:
+        (bindir / "java").symlink_to(java)
+    monkeypatch.setenv("PATH", str(bindir))
+    expected = "Maven \\(mvn\\) is not installed" if java else "Java is not installed"
+    with pytest.raises(broker.BrokerError, match=expected):
+        broker.ensure_fetched(tmp_path / "cache", lambda line: None)
+
+
+@pytest.mark.kafka
+def test_fetch_failure_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty Maven repo behind a refused proxy: the error carries Maven's transfer failure."""
+    proxy = free_port()
+    monkeypatch.setenv(
+        "MAVEN_OPTS",
+        f"-Dmaven.repo.local={tmp_path / 'm2'} "
+        f"-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={proxy} "
+        f"-Dhttp.proxyHost=127.0.0.1 -Dhttp.proxyPort={proxy}",
+    )
+    lines: list[str] = []
+    with pytest.raises(broker.BrokerError, match=r"failed.*Connection refused"):
+        broker.ensure_fetched(tmp_path / "cache", lines.append)
+    assert lines[0].startswith("fetching Apache Kafka 4.1.1")
+    assert not (tmp_path / "cache" / "kafka-4.1.1" / "fetched.json").exists()
 
 
 def test_wait_ready_times_out_with_cause() -> None:
@@ -160,10 +204,13 @@ def test_wait_ready_times_out_with_cause() -> None:
 
 
 def test_server_properties_extra_hook(tmp_path: Path) -> None:
-    cfg = broker.BrokerConfig(tmp_path, extra_properties={
-        "listeners": "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,"
-                     "SASL_SSL://127.0.0.1:9094",
-        "sasl.enabled.mechanisms": "SCRAM-SHA-512"})
+    cfg = broker.BrokerConfig(
+        tmp_path,
+        extra_properties={
+            "listeners": "PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093,SASL_SSL://127.0.0.1:9094",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        },
+    )
     props = broker.server_properties(cfg)
     assert props["listeners"].endswith("SASL_SSL://127.0.0.1:9094")
     assert props["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
@@ -171,6 +218,7 @@ def test_server_properties_extra_hook(tmp_path: Path) -> None:
     assert props["log.dirs"] == str(tmp_path / "kafka" / "data")
 
 
+@pytest.mark.kafka
 def test_aiokafka_produce_consume(running: broker.BrokerConfig) -> None:
     """aiokafka 0.14 (Faust's client) against the 4.1.1 broker, with a consumer group."""
     topic = "packetless.test.aiokafka"
@@ -183,9 +231,13 @@ def test_aiokafka_produce_consume(running: broker.BrokerConfig) -> None:
             await producer.send_and_wait(topic, b"from aiokafka", key=b"a1")
         finally:
             await producer.stop()
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=running.bootstrap,
-                                    group_id="packetless-aiokafka-test",
-                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=running.bootstrap,
+            group_id="packetless-aiokafka-test",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
         await consumer.start()
         try:
             msg = await asyncio.wait_for(consumer.getone(), timeout=30)
