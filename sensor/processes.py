@@ -33,6 +33,7 @@ _SECRET_WORDS = (r"pass(?:word|wd)?|pwd|token|secret|api[-_]?key|access[-_]?key|
 # psutil's start time is boot time (whole seconds, /proc/stat btime) + start ticks: a kernel
 # start time converted another way may differ by up to a second.
 START_TIME_TOLERANCE_MS = 1000
+KTHREADD = 2
 _MYSQL_FAMILY = frozenset({"mysql", "mysqldump", "mysqladmin", "mysqlimport", "mysqlshow",
                            "mysqlcheck", "mariadb", "mariadb-dump", "mariadb-admin"})
 
@@ -298,8 +299,8 @@ class LineageScanner:
     """Diffs successive /proc scans into EXEC, EXIT and (first scan) RUNNING events.
 
     A process is (pid, start time); one whose name changed between scans has exec'd again.
-    Processes that live shorter than the scan interval are not seen: the eBPF mode's sched
-    tracepoints catch those.
+    Kernel threads are left out (they rename themselves). Processes that live shorter than
+    the scan interval are not seen: the eBPF mode's sched tracepoints catch those.
     """
 
     def __init__(self, options: ProcessOptions) -> None:
@@ -310,9 +311,9 @@ class LineageScanner:
         """One scan: the (key, ProcessEvent) pairs to publish."""
         now_ms = round(time.time() * 1000)
         current: dict[tuple[int, int], str] = {}
-        for proc in psutil.process_iter(["name", "create_time"]):
+        for proc in psutil.process_iter(["name", "create_time", "ppid"]):
             info = proc.info
-            if info["create_time"] is None:
+            if info["create_time"] is None or KTHREADD in (proc.pid, info["ppid"]):
                 continue
             current[(proc.pid, round(info["create_time"] * 1000))] = info["name"] or ""
         first = self._known is None

@@ -84,6 +84,8 @@ class Engine:
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
+                if self.log_path is not None:
+                    self.log_path.unlink(missing_ok=True)
         self.users_lock.close()
 
 
@@ -190,8 +192,10 @@ def docker_network(docker_client: docker.DockerClient) -> Iterator[Network]:
     """A user-defined bridge network, removed after the test."""
     network = docker_client.networks.create(unique_name("pl-net"), driver="bridge")
     yield network
+    network.reload()
     for container in network.containers:
-        network.disconnect(container, force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            network.disconnect(container, force=True)
     network.remove()
 
 

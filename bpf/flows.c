@@ -1,0 +1,618 @@
+// Packetless eBPF sensor: every TCP and UDP socket flow with its process and cgroup, counted
+// in the kernel. Only stable interfaces: cgroup sock/sock_ops/skb contexts (UAPI), tracepoint
+// records, and wire headers; no kprobes and no kernel struct layouts. Compiled by bcc.
+//
+// Joins: a socket is named by its cookie. Socket-creating processes are recorded at
+// INET_SOCK_CREATE; accepted sockets (which never pass there) are attributed to the first
+// process that sends or receives on them (sock:sock_{send,recv}_length run in that process),
+// joined from the tracepoint's sk pointer to the cookie through sk_cookie, which holds the
+// socket's address as an opaque key (stored where a program has both; never dereferenced).
+
+#define AF_INET 2
+#define AF_INET6 10
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define MSG_PEEK 2
+
+// event types (mirrored in sensor/ebpf.py)
+#define EV_START 1
+#define EV_END 2
+#define EV_STATE 3
+#define EV_FAILURE 4
+#define EV_RELEASE 5
+
+// roles
+#define ROLE_UNKNOWN 0
+#define ROLE_CLIENT 1
+#define ROLE_SERVER 2
+
+// owner sources
+#define SRC_CREATOR 1
+#define SRC_FIRST_IO 2
+#define SRC_LISTENER 3
+
+// flow flags
+#define F_ESTABLISHED 1
+#define F_FIN_IN 2
+#define F_FIN_OUT 4
+#define F_RST_IN 8
+#define F_RELEASED 32
+#define F_TIMEOUT 64
+#define F_STARTED 128
+
+// drop counters (index into `drops`)
+#define D_RINGBUF 0
+#define D_TCP_MAP 1
+#define D_UDP_MAP 2
+#define D_OWNER_MAP 3
+#define D_SK_MAP 4
+#define D_MAX 5
+
+// config flags (index 0 of `config`)
+#define C_STATE_EVENTS 1
+
+struct owner_t {
+    u64 cgroup_id;
+    u32 pid;
+    u32 tid;
+    u32 uid;
+    u32 gid;
+    char comm[16];
+    u8 source;
+    u8 pad[7];
+};
+
+struct tcp_flow_t {
+    u64 start_ns;
+    u64 acked0;
+    u64 rcvd0;
+    u64 bytes_acked;
+    u64 bytes_received;
+    u64 app_tx;
+    u64 app_rx;
+    u32 segs_in;
+    u32 segs_out;
+    u32 srtt_us;
+    u32 rttvar_us;
+    u32 retrans;
+    u32 laddr[4];
+    u32 raddr[4];
+    u16 lport;
+    u16 rport;
+    u16 family;
+    u8 role;
+    u8 flags;
+};
+
+struct udp_key_t {
+    u64 cookie;
+    u32 raddr[4];
+    u16 rport;
+    u16 family;
+    u32 pad;
+};
+
+struct udp_flow_t {
+    u64 start_ns;
+    u64 last_ns;
+    u64 tx_bytes;
+    u64 rx_bytes;
+    u64 tx_pkts;
+    u64 rx_pkts;
+    u32 laddr[4];
+    u16 lport;
+    u8 role;
+    u8 pad[5];
+};
+
+struct event_t {
+    u64 ts_ns;
+    u64 cookie;
+    u64 start_ns;
+    u64 bytes_sent;
+    u64 bytes_received;
+    u64 pkts_sent;
+    u64 pkts_received;
+    u32 srtt_us;
+    u32 rttvar_us;
+    u32 retrans;
+    u32 laddr[4];
+    u32 raddr[4];
+    u16 lport;
+    u16 rport;
+    u16 family;
+    u8 type;
+    u8 proto;
+    u8 role;
+    u8 state;
+    u8 oldstate;
+    u8 flags;
+    struct owner_t owner;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(owners, u64, struct owner_t, OWNER_ENTRIES);
+BPF_HASH(sk_cookie, u64, u64, OWNER_ENTRIES);
+BPF_TABLE("lru_hash", u16, struct owner_t, listeners, 4096);
+BPF_HASH(tcp_flows, u64, struct tcp_flow_t, TCP_ENTRIES);
+BPF_HASH(udp_flows, struct udp_key_t, struct udp_flow_t, UDP_ENTRIES);
+BPF_PERCPU_ARRAY(drops, u64, D_MAX);
+BPF_ARRAY(config, u64, 1);
+
+static __always_inline void count_drop(int what)
+{
+    u64 *n = drops.lookup(&what);
+    if (n)
+        (*n)++;
+}
+
+static __always_inline void fill_owner(struct owner_t *o, u8 source)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u64 uid_gid = bpf_get_current_uid_gid();
+    o->pid = pid_tgid >> 32;
+    o->tid = (u32)pid_tgid;
+    o->uid = (u32)uid_gid;
+    o->gid = uid_gid >> 32;
+    o->cgroup_id = bpf_get_current_cgroup_id();
+    o->source = source;
+    bpf_get_current_comm(&o->comm, sizeof(o->comm));
+}
+
+static __always_inline int put_owner(u64 cookie, struct owner_t *o)
+{
+    if (owners.update(&cookie, o)) {
+        count_drop(D_OWNER_MAP);
+        return -1;
+    }
+    return 0;
+}
+
+static __always_inline void put_sk(u64 skaddr, u64 cookie)
+{
+    if (sk_cookie.update(&skaddr, &cookie))
+        count_drop(D_SK_MAP);
+}
+
+static __always_inline struct event_t *new_event(u8 type, u64 cookie)
+{
+    struct event_t *ev = events.ringbuf_reserve(sizeof(struct event_t));
+    if (!ev) {
+        count_drop(D_RINGBUF);
+        return 0;
+    }
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+    ev->cookie = cookie;
+    ev->ts_ns = bpf_ktime_get_boot_ns();
+    return ev;
+}
+
+static __always_inline void copy_owner(struct event_t *ev, u64 cookie)
+{
+    struct owner_t *o = owners.lookup(&cookie);
+    if (!o && ev->role == ROLE_SERVER) {
+        u16 port = ev->lport;
+        o = listeners.lookup(&port);  // accepted, then closed before any I/O
+    }
+    if (o)
+        __builtin_memcpy(&ev->owner, o, sizeof(*o));
+}
+
+// ---- sockets created by a process: INET_SOCK_CREATE runs in its context --------------------
+
+int sock_create(struct bpf_sock *sk)
+{
+    if (sk->protocol != PROTO_TCP && sk->protocol != PROTO_UDP)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(sk);
+    struct owner_t o = {};
+    fill_owner(&o, SRC_CREATOR);
+    if (put_owner(cookie, &o) == 0)
+        put_sk((u64)sk, cookie);
+    return 1;
+}
+
+// INET_SOCK_RELEASE: close() of the last reference, in the closing process's context.
+int sock_release(struct bpf_sock *sk)
+{
+    if (sk->protocol != PROTO_TCP && sk->protocol != PROTO_UDP)
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(sk);
+    u64 skaddr = (u64)sk;
+    sk_cookie.delete(&skaddr);
+    if (sk->protocol == PROTO_UDP) {
+        struct event_t *ev = new_event(EV_RELEASE, cookie);
+        if (ev) {
+            ev->proto = PROTO_UDP;
+            copy_owner(ev, cookie);
+            events.ringbuf_submit(ev, 0);
+        }
+        owners.delete(&cookie);
+        return 1;
+    }
+    struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
+    if (f)
+        f->flags |= F_RELEASED;  // the END still needs the owner
+    else
+        owners.delete(&cookie);
+    return 1;
+}
+
+// ---- TCP: sock_ops ----------------------------------------------------------------------
+
+static __always_inline void tcp_addrs(struct bpf_sock_ops *ctx, struct tcp_flow_t *f)
+{
+    // every context field is read unconditionally: the verifier refuses context pointers the
+    // compiler would otherwise compute per branch
+    u32 family = ctx->family;
+    u32 l4 = ctx->local_ip4, r4 = ctx->remote_ip4;
+    u32 l0 = ctx->local_ip6[0], l1 = ctx->local_ip6[1], l2 = ctx->local_ip6[2],
+        l3 = ctx->local_ip6[3];
+    u32 r0 = ctx->remote_ip6[0], r1 = ctx->remote_ip6[1], r2 = ctx->remote_ip6[2],
+        r3 = ctx->remote_ip6[3];
+    f->family = family;
+    f->lport = ctx->local_port;
+    f->rport = bpf_ntohl(ctx->remote_port);  // the port in network order, shifted left 16
+    if (family == AF_INET) {
+        f->laddr[0] = l4;
+        f->raddr[0] = r4;
+    } else {
+        f->laddr[0] = l0;
+        f->laddr[1] = l1;
+        f->laddr[2] = l2;
+        f->laddr[3] = l3;
+        f->raddr[0] = r0;
+        f->raddr[1] = r1;
+        f->raddr[2] = r2;
+        f->raddr[3] = r3;
+    }
+}
+
+static __always_inline void tcp_snapshot(struct bpf_sock_ops *ctx, struct tcp_flow_t *f)
+{
+    f->bytes_acked = ctx->bytes_acked;
+    f->bytes_received = ctx->bytes_received;
+    f->segs_in = ctx->segs_in;
+    f->segs_out = ctx->segs_out;
+    f->srtt_us = ctx->srtt_us >> 3;
+    f->retrans = ctx->total_retrans;
+}
+
+// Payload bytes: the kernel counters count sequence space, which includes the FIN (and the
+// SYN before the baseline taken at ESTABLISHED). Subtract a FIN that was counted.
+static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t *f)
+{
+    ev->proto = PROTO_TCP;
+    ev->start_ns = f->start_ns;
+    u64 sent = f->bytes_acked - f->acked0;
+    u64 rcvd = f->bytes_received - f->rcvd0;
+    if (f->flags & F_FIN_OUT && sent > 0)
+        sent--;
+    if (f->flags & F_FIN_IN && rcvd > 0)
+        rcvd--;
+    if (rcvd < f->app_rx)
+        rcvd = f->app_rx;
+    ev->bytes_sent = sent;
+    ev->bytes_received = rcvd;
+    ev->pkts_sent = f->segs_out;
+    ev->pkts_received = f->segs_in;
+    ev->srtt_us = f->srtt_us;
+    ev->rttvar_us = f->rttvar_us;
+    ev->retrans = f->retrans;
+    __builtin_memcpy(ev->laddr, f->laddr, sizeof(f->laddr));
+    __builtin_memcpy(ev->raddr, f->raddr, sizeof(f->raddr));
+    ev->lport = f->lport;
+    ev->rport = f->rport;
+    ev->family = f->family;
+    ev->role = f->role;
+    ev->flags = f->flags;
+}
+
+static __always_inline void emit_tcp(u8 type, u64 cookie, struct tcp_flow_t *f, u8 oldstate,
+                                     u8 state)
+{
+    struct event_t *ev = new_event(type, cookie);
+    if (!ev)
+        return;
+    tcp_fill_event(ev, f);
+    ev->oldstate = oldstate;
+    ev->state = state;
+    copy_owner(ev, cookie);
+    events.ringbuf_submit(ev, 0);
+}
+
+#define CB_FLAGS (BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | \
+                  BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG)
+
+static __always_inline void tcp_new_flow(struct bpf_sock_ops *ctx, u64 cookie, u8 role)
+{
+    struct tcp_flow_t f = {};
+    f.start_ns = bpf_ktime_get_boot_ns();
+    f.role = role;
+    tcp_addrs(ctx, &f);
+    if (tcp_flows.update(&cookie, &f)) {
+        count_drop(D_TCP_MAP);
+        return;
+    }
+    bpf_sock_ops_cb_flags_set(ctx, CB_FLAGS);
+}
+
+int sock_ops(struct bpf_sock_ops *ctx)
+{
+    u32 op = ctx->op;
+    u64 cookie = bpf_get_socket_cookie(ctx);
+    struct tcp_flow_t *f;
+
+    switch (op) {
+    case BPF_SOCK_OPS_TCP_CONNECT_CB:
+        tcp_new_flow(ctx, cookie, ROLE_CLIENT);
+        return 1;
+    case BPF_SOCK_OPS_TCP_LISTEN_CB: {
+        // listen() runs in the listener's process: remember it per local port, to attribute
+        // accepted sockets that are closed before any process reads or writes them.
+        struct owner_t o = {};
+        fill_owner(&o, SRC_LISTENER);
+        u16 port = ctx->local_port;
+        listeners.update(&port, &o);
+        return 1;
+    }
+    case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+        tcp_new_flow(ctx, cookie, ROLE_SERVER);
+        f = tcp_flows.lookup(&cookie);
+        if (!f)
+            return 1;
+        f->flags |= F_ESTABLISHED;
+        tcp_snapshot(ctx, f);
+        f->acked0 = f->bytes_acked;
+        f->rcvd0 = f->bytes_received;
+        struct bpf_sock *sk = ctx->sk;
+        if (sk)
+            put_sk((u64)sk, cookie);
+        return 1;  // START is sent at first I/O, when the owning process is known
+    }
+    case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+        f = tcp_flows.lookup(&cookie);
+        if (!f)
+            return 1;
+        f->flags |= F_ESTABLISHED | F_STARTED;
+        tcp_addrs(ctx, f);  // the local address is bound by now
+        tcp_snapshot(ctx, f);
+        f->acked0 = f->bytes_acked;
+        f->rcvd0 = f->bytes_received;
+        emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
+        return 1;
+    case BPF_SOCK_OPS_RTT_CB: {
+        f = tcp_flows.lookup(&cookie);
+        if (!f)
+            return 1;
+        // RFC 6298 RTTVAR from the kernel's RTT samples (ctx has no mdev).
+        u32 m = ctx->args[0];
+        u32 prev = f->srtt_us;
+        if (prev == 0) {
+            f->rttvar_us = m / 2;
+        } else {
+            u32 d = prev > m ? prev - m : m - prev;
+            f->rttvar_us = (3 * f->rttvar_us + d) / 4;
+        }
+        tcp_snapshot(ctx, f);
+        return 1;
+    }
+    case BPF_SOCK_OPS_RETRANS_CB:
+        f = tcp_flows.lookup(&cookie);
+        if (f)
+            tcp_snapshot(ctx, f);
+        return 1;
+    case BPF_SOCK_OPS_RTO_CB:
+        f = tcp_flows.lookup(&cookie);
+        if (f && ctx->args[2])
+            f->flags |= F_TIMEOUT;
+        return 1;
+    case BPF_SOCK_OPS_STATE_CB: {
+        f = tcp_flows.lookup(&cookie);
+        if (!f)
+            return 1;
+        u8 old = ctx->args[0], new = ctx->args[1];
+        if (new == BPF_TCP_FIN_WAIT1 || new == BPF_TCP_LAST_ACK)
+            f->flags |= F_FIN_OUT;  // our FIN is in sequence space now
+        if (new != BPF_TCP_CLOSE) {
+            u64 *cfg;
+            int zero = 0;
+            cfg = config.lookup(&zero);
+            if (cfg && (*cfg & C_STATE_EVENTS))
+                emit_tcp(EV_STATE, cookie, f, old, new);
+            return 1;
+        }
+        tcp_snapshot(ctx, f);
+        // a FIN we sent counts in bytes_acked only once acknowledged
+        if ((f->flags & F_FIN_OUT) && ctx->snd_una != ctx->snd_nxt)
+            f->flags &= ~F_FIN_OUT;
+        emit_tcp((f->flags & F_ESTABLISHED) ? EV_END : EV_FAILURE, cookie, f, old, new);
+        if (f->flags & F_RELEASED)
+            owners.delete(&cookie);
+        tcp_flows.delete(&cookie);
+        return 1;
+    }
+    }
+    return 1;
+}
+
+// RST received: mark the flow (a reset in SYN_SENT is a refused connection).
+TRACEPOINT_PROBE(tcp, tcp_receive_reset)
+{
+    u64 cookie = args->sock_cookie;
+    struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
+    if (f)
+        f->flags |= F_RST_IN;
+    return 0;
+}
+
+// ---- process-context I/O: attribution of accepted sockets, application byte counts --------
+
+static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u16 protocol,
+                                    int rx)
+{
+    if (protocol != PROTO_TCP || (family != AF_INET && family != AF_INET6) || ret < 0)
+        return;
+    u64 skaddr = (u64)sk;
+    u64 *cp = sk_cookie.lookup(&skaddr);
+    if (!cp)
+        return;
+    u64 cookie = *cp;
+    struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
+    if (!f)
+        return;
+    if (rx) {
+        if (!(flags & MSG_PEEK))
+            __sync_fetch_and_add(&f->app_rx, ret);
+    } else {
+        __sync_fetch_and_add(&f->app_tx, ret);
+    }
+    if (f->flags & F_STARTED)
+        return;
+    f->flags |= F_STARTED;
+    struct owner_t o = {};
+    fill_owner(&o, SRC_FIRST_IO);
+    if (put_owner(cookie, &o))
+        return;
+    emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+    sock_io(args->sk, args->ret, args->flags, args->family, args->protocol, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+    sock_io(args->sk, args->ret, args->flags, args->family, args->protocol, 1);
+    return 0;
+}
+
+// ---- packets: UDP counters per (socket, remote), TCP FIN seen on ingress -------------------
+
+struct pkt_t {
+    u32 saddr[4];
+    u32 daddr[4];
+    u16 sport;
+    u16 dport;
+    u16 family;
+    u8 proto;
+    u8 tcp_flags;
+    u32 l4_payload;
+};
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt_t *p)
+{
+    u32 l4off;
+    u8 b[40];
+    if (skb->protocol == bpf_htons(0x0800)) {
+        if (bpf_skb_load_bytes(skb, 0, b, 20))
+            return -1;
+        if ((b[6] & 0x1f) || b[7])  // a fragment other than the first: no L4 header
+            return -1;
+        l4off = (b[0] & 0x0f) * 4;
+        p->proto = b[9];
+        p->family = AF_INET;
+        __builtin_memcpy(&p->saddr[0], &b[12], 4);
+        __builtin_memcpy(&p->daddr[0], &b[16], 4);
+    } else if (skb->protocol == bpf_htons(0x86DD)) {
+        if (bpf_skb_load_bytes(skb, 0, b, 40))
+            return -1;
+        l4off = 40;  // extension headers are not followed
+        p->proto = b[6];
+        p->family = AF_INET6;
+        __builtin_memcpy(p->saddr, &b[8], 16);
+        __builtin_memcpy(p->daddr, &b[24], 16);
+    } else {
+        return -1;
+    }
+    if (p->proto == PROTO_UDP) {
+        if (bpf_skb_load_bytes(skb, l4off, b, 8))
+            return -1;
+        p->sport = (b[0] << 8) | b[1];
+        p->dport = (b[2] << 8) | b[3];
+        p->l4_payload = skb->len - l4off - 8;
+    } else if (p->proto == PROTO_TCP) {
+        if (bpf_skb_load_bytes(skb, l4off + 13, b, 1))
+            return -1;
+        p->tcp_flags = b[0];
+    }
+    return 0;
+}
+
+static __always_inline int on_packet(struct __sk_buff *skb, int egress)
+{
+    struct pkt_t p = {};
+    if (parse(skb, &p))
+        return 1;
+    u64 cookie = bpf_get_socket_cookie(skb);
+    if (p.proto == PROTO_TCP) {
+        if (!egress && (p.tcp_flags & 0x01)) {
+            struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
+            if (f)
+                f->flags |= F_FIN_IN;
+        }
+        return 1;
+    }
+    if (p.proto != PROTO_UDP)
+        return 1;
+    struct owner_t *o = owners.lookup(&cookie);
+    if (!o)
+        return 1;  // not a socket created by a process we saw (kernel or pre-existing)
+    struct udp_key_t k = {};
+    k.cookie = cookie;
+    k.family = p.family;
+    __builtin_memcpy(k.raddr, egress ? p.daddr : p.saddr, sizeof(k.raddr));
+    k.rport = egress ? p.dport : p.sport;
+    u64 now = bpf_ktime_get_boot_ns();
+    u32 segs = skb->gso_segs ? skb->gso_segs : 1;
+    struct udp_flow_t *f = udp_flows.lookup(&k);
+    if (!f) {
+        struct udp_flow_t n = {};
+        n.start_ns = now;
+        __builtin_memcpy(n.laddr, egress ? p.saddr : p.daddr, sizeof(n.laddr));
+        n.lport = egress ? p.sport : p.dport;
+        n.role = egress ? ROLE_CLIENT : ROLE_SERVER;  // the side that sent first initiated
+        if (udp_flows.insert(&k, &n) == 0) {
+            struct event_t *ev = new_event(EV_START, cookie);
+            if (ev) {
+                ev->proto = PROTO_UDP;
+                ev->start_ns = now;
+                ev->family = p.family;
+                __builtin_memcpy(ev->laddr, n.laddr, sizeof(n.laddr));
+                __builtin_memcpy(ev->raddr, k.raddr, sizeof(k.raddr));
+                ev->lport = n.lport;
+                ev->rport = k.rport;
+                ev->role = n.role;
+                __builtin_memcpy(&ev->owner, o, sizeof(*o));
+                events.ringbuf_submit(ev, 0);
+            }
+        }
+        f = udp_flows.lookup(&k);
+        if (!f) {
+            count_drop(D_UDP_MAP);
+            return 1;
+        }
+    }
+    f->last_ns = now;
+    if (egress) {
+        __sync_fetch_and_add(&f->tx_bytes, p.l4_payload);
+        __sync_fetch_and_add(&f->tx_pkts, segs);
+    } else {
+        __sync_fetch_and_add(&f->rx_bytes, p.l4_payload);
+        __sync_fetch_and_add(&f->rx_pkts, segs);
+    }
+    return 1;
+}
+
+int skb_egress(struct __sk_buff *skb)
+{
+    return on_packet(skb, 1);
+}
+
+int skb_ingress(struct __sk_buff *skb)
+{
+    return on_packet(skb, 0);
+}

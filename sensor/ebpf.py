@@ -1,0 +1,560 @@
+"""The eBPF half of the sensor: loads bpf/flows.c with bcc, attaches it to the cgroup2 root and
+turns its ring-buffer events and in-kernel counters into ``raw.ebpf`` records (schema
+``packetless.EbpfEvent``): START/END/FAILURE per TCP connection and UDP peer, with UPDATEs.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import schemas
+from sensor.cgroups import CgroupResolver, cgroup2_root, container_from_cgroup_path
+from sensor.processes import ProcessCache
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "flows.c"
+TOPIC = "raw.ebpf"
+AF_INET, AF_INET6 = 2, 10
+PROTO_TCP, PROTO_UDP = 6, 17
+BPF_F_ALLOW_MULTI = 2  # coexist with other programs (another sensor) on the cgroup root
+
+# mirrored from bpf/flows.c
+EV_START, EV_END, EV_STATE, EV_FAILURE, EV_RELEASE = 1, 2, 3, 4, 5
+F_ESTABLISHED, F_FIN_IN, F_FIN_OUT, F_RST_IN, F_RELEASED, F_TIMEOUT, F_STARTED = (
+    1, 2, 4, 8, 32, 64, 128)
+ROLES = {0: "UNKNOWN", 1: "CLIENT", 2: "SERVER"}
+SOURCES = {1: "CREATOR", 2: "FIRST_IO", 3: "LISTENER"}
+DROP_FIELDS = ("ring_buffer", "tcp_map_full", "udp_map_full", "owner_map_full",
+               "socket_map_full")
+C_STATE_EVENTS = 1
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+              6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+              11: "CLOSING", 12: "NEW_SYN_RECV"}
+ABORTIVE_FROM = frozenset({1, 8})  # ESTABLISHED or CLOSE_WAIT straight to CLOSE: RST sent
+ERRORS = {"REFUSED": "ECONNREFUSED", "TIMEOUT": "ETIMEDOUT", "UNREACHABLE": "EHOSTUNREACH",
+          "RESET_RECEIVED": "ECONNRESET", "RESET_SENT": "ECONNRESET",
+          "ABORTED": "ECONNABORTED"}
+TRACEFS = Path("/sys/kernel/tracing")
+UdpKey = tuple[int, bytes, int, int]  # cookie, remote address (16 bytes), remote port, family
+
+
+class Owner(ct.Structure):
+    """struct owner_t of bpf/flows.c."""
+
+    _fields_ = [("cgroup_id", ct.c_uint64), ("pid", ct.c_uint32), ("tid", ct.c_uint32),
+                ("uid", ct.c_uint32), ("gid", ct.c_uint32), ("comm", ct.c_char * 16),
+                ("source", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+
+
+class Event(ct.Structure):
+    """struct event_t of bpf/flows.c (bcc cannot derive nested ring buffer records)."""
+
+    _fields_ = [("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("start_ns", ct.c_uint64),
+                ("bytes_sent", ct.c_uint64), ("bytes_received", ct.c_uint64),
+                ("pkts_sent", ct.c_uint64), ("pkts_received", ct.c_uint64),
+                ("srtt_us", ct.c_uint32), ("rttvar_us", ct.c_uint32), ("retrans", ct.c_uint32),
+                ("laddr", ct.c_uint8 * 16), ("raddr", ct.c_uint8 * 16), ("lport", ct.c_uint16),
+                ("rport", ct.c_uint16), ("family", ct.c_uint16), ("type", ct.c_uint8),
+                ("proto", ct.c_uint8), ("role", ct.c_uint8), ("state", ct.c_uint8),
+                ("oldstate", ct.c_uint8), ("flags", ct.c_uint8), ("owner", Owner)]
+
+
+@dataclass
+class EbpfOptions:
+    """Settings of the eBPF sensor."""
+
+    host_name: str = field(default_factory=socket.gethostname)
+    update_interval_s: float = 10.0  # UPDATE for flows living longer, when they changed
+    udp_idle_timeout_s: float = 60.0  # a UDP flow without datagrams for this long ENDs
+    state_events: bool = False  # publish every TCP state change as STATE
+    poll_ms: int = 100
+    ring_buffer_pages: int = 1024  # 4 MiB
+    tcp_entries: int = 65536
+    udp_entries: int = 65536
+    owner_entries: int = 131072
+    cgroup_root: Path | None = None  # default: the cgroup2 mount
+    cgroups: CgroupResolver = field(default_factory=CgroupResolver)
+    processes: ProcessCache | None = None  # default: a cache sharing ``cgroups``
+
+
+@dataclass
+class Endpoints:
+    """Addresses of a flow, as published (IPv4-mapped IPv6 reported as IPv4)."""
+
+    family: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+
+
+@dataclass
+class Live:
+    """What user space remembers of a flow between its START and END."""
+
+    transport: str
+    start_ns: int
+    role: str
+    ends: Endpoints
+    owner: dict[str, Any] | None
+    reported: tuple[int, ...] = ()
+    reported_ns: int = 0
+    retrans: int = 0
+    missing: bool = False  # gone from the kernel map at the previous scan
+
+
+def available() -> tuple[bool, str]:
+    """Whether the eBPF sensor can run here, and if not, why (for doctor and the fallback)."""
+    if os.geteuid() != 0:
+        return False, "needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError as error:
+        return False, f"bcc is not importable ({error}); apt-get install python3-bpfcc and " \
+                      "expose /usr/lib/python3/dist-packages/bcc to this Python"
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not (build / "include").is_dir():
+        return False, f"no kernel headers at {build}: apt-get install linux-headers-amd64 and " \
+                      f"link {build} to /usr/src/linux-headers-<version>-amd64"
+    if cgroup2_root() == Path("/sys/fs/cgroup") and not Path("/sys/fs/cgroup/cgroup.procs").exists():
+        return False, "no cgroup2 hierarchy is mounted"
+    if not (TRACEFS / "events" / "sock" / "sock_send_length").exists():
+        return False, f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS}) " \
+                      "or the sock tracepoints are missing"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return False, "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
+    return True, "root, bcc, kernel headers, cgroup2 and tracefs are present"
+
+
+def _address(raw: bytes, family: int) -> tuple[str, str]:
+    if family == AF_INET:
+        return "ipv4", str(ipaddress.IPv4Address(raw[:4]))
+    addr = ipaddress.IPv6Address(raw)
+    if addr.ipv4_mapped is not None:
+        return "ipv4", str(addr.ipv4_mapped)
+    return "ipv6", str(addr)
+
+
+def endpoints(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> Endpoints:
+    """Published addresses from kernel ones (network byte order, 4 or 16 bytes)."""
+    fam, local = _address(bytes(laddr), family)
+    _, remote = _address(bytes(raddr), family)
+    return Endpoints(fam, local, lport, remote, rport)
+
+
+def end_reason(kind: int, flags: int, oldstate: int) -> str:
+    """Why a TCP socket reached CLOSE, from the flags the BPF program kept."""
+    if kind == EV_FAILURE:
+        if flags & F_RST_IN:
+            return "REFUSED"
+        if flags & F_TIMEOUT:
+            return "TIMEOUT"
+        return "ABORTED" if flags & F_RELEASED else "UNREACHABLE"
+    if flags & F_RST_IN:
+        return "RESET_RECEIVED"
+    if flags & F_TIMEOUT:
+        return "TIMEOUT"
+    return "RESET_SENT" if oldstate in ABORTIVE_FROM else "CLOSED"
+
+
+def _record_fields() -> dict[str, Any]:
+    return {f["name"]: f.get("default") for f in schemas.load("EbpfEvent")["fields"]}
+
+
+def _netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+class EbpfSensor:
+    """The loaded BPF programs and the user-space state of the flows they follow."""
+
+    def __init__(self, options: EbpfOptions,
+                 publish: Callable[[str, str, dict[str, Any]], None]) -> None:
+        self.options = options
+        self.publish = publish
+        self.processes = options.processes or ProcessCache(cgroups=options.cgroups)
+        self.boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        self._fields = _record_fields()
+        self._tcp: dict[int, Live] = {}
+        self._udp: dict[UdpKey, Live] = {}
+        self._udp_by_cookie: dict[int, set[UdpKey]] = {}
+        self._ended: OrderedDict[int, None] = OrderedDict()  # TCP cookies ended lately
+        self._drops: tuple[int, ...] = (0,) * len(DROP_FIELDS)
+        self._pending: list[Event] = []
+        self._attached: list[tuple[Any, int]] = []
+        self._cgroup_fd = -1
+        self._boot_offset = 0
+        self._sync_clock()
+        self.bpf: Any = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Compile bpf/flows.c and attach its programs (tracepoints attach on compile)."""
+        from bcc import BPF, BPFAttachType
+
+        o = self.options
+        cflags = [f"-DRINGBUF_PAGES={o.ring_buffer_pages}", f"-DTCP_ENTRIES={o.tcp_entries}",
+                  f"-DUDP_ENTRIES={o.udp_entries}", f"-DOWNER_ENTRIES={o.owner_entries}",
+                  "-Wno-unused-function"]
+        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        if o.state_events:
+            self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(C_STATE_EVENTS)
+        self._cgroup_fd = os.open(o.cgroup_root or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        programs = (("sock_create", BPF.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_CREATE),
+                    ("sock_release", BPF.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_RELEASE),
+                    ("sock_ops", BPF.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
+                    ("skb_egress", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_EGRESS),
+                    ("skb_ingress", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_INGRESS))
+        for name, prog_type, attach_type in programs:
+            fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+            BPF.attach_func(fn, self._cgroup_fd, attach_type, BPF_F_ALLOW_MULTI)
+            self._attached.append((fn, attach_type))
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+
+    def close(self) -> None:
+        """Detach every program and free the maps."""
+        from bcc import BPF
+
+        for fn, attach_type in self._attached:
+            try:
+                BPF.detach_func(fn, self._cgroup_fd, attach_type)
+            except Exception as error:  # bcc raises bare Exception
+                log.warning("detaching %s: %s", fn.name, error)
+        self._attached.clear()
+        if self._cgroup_fd >= 0:
+            os.close(self._cgroup_fd)
+            self._cgroup_fd = -1
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll events and scan counters until ``stop`` is set, then report the drops."""
+        o = self.options
+        scan_every = max(0.2, min(5.0, o.update_interval_s / 2, o.udp_idle_timeout_s / 2))
+        next_scan = time.monotonic() + scan_every
+        self._report_drops(time.time_ns(), final=True)  # marks the (re)start: counters from 0
+        while not stop.is_set():
+            self.poll(o.poll_ms)
+            if time.monotonic() >= next_scan:
+                self.scan()
+                next_scan = time.monotonic() + scan_every
+        self.poll(0)
+        self.scan(final=True)
+
+    # ---- events ----------------------------------------------------------------------------
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
+        # called from inside bcc's poll (a ctypes callback that swallows exceptions): copy only
+        self._pending.append(Event.from_buffer_copy(ct.string_at(data, ct.sizeof(Event))))
+
+    def poll(self, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for kernel events and publish them."""
+        self.bpf.ring_buffer_poll(timeout_ms)
+        pending, self._pending = self._pending, []
+        for ev in pending:
+            self._handle(ev)
+
+    def _handle(self, ev: Event) -> None:
+        if ev.type == EV_RELEASE:
+            self._udp_release(ev)
+        elif ev.proto == PROTO_UDP:
+            self._udp_start(ev)
+        elif ev.type == EV_START:
+            self._tcp_start(ev)
+        elif ev.type in (EV_END, EV_FAILURE):
+            self._tcp_end(ev)
+        elif ev.type == EV_STATE:
+            live = self._tcp.get(ev.cookie)
+            if live is not None:
+                self._emit("STATE", ev.cookie, live, self._ns(ev.ts_ns), counters=_counters(ev),
+                           state=TCP_STATES.get(ev.state),
+                           previous_state=TCP_STATES.get(ev.oldstate))
+
+    def _tcp_start(self, ev: Event, synthesized: bool = False) -> Live | None:
+        if ev.cookie in self._ended or ev.cookie in self._tcp:
+            return None  # a first-I/O START racing the END on another CPU
+        live = Live("tcp", self._ns(ev.start_ns), ROLES[ev.role],
+                    endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
+                    self._owner(ev.owner))
+        self._tcp[ev.cookie] = live
+        live.reported_ns = self._ns(ev.ts_ns)
+        counters = (0,) * 7 if synthesized else _counters(ev)
+        self._emit("START", ev.cookie, live, live.reported_ns, counters=counters,
+                   state="ESTABLISHED")
+        return live
+
+    def _tcp_end(self, ev: Event) -> None:
+        failed = ev.type == EV_FAILURE
+        live = self._tcp.pop(ev.cookie, None)
+        if live is None and not failed:
+            live = self._tcp_start(ev, synthesized=True)  # closed before any I/O, or lost
+            self._tcp.pop(ev.cookie, None)
+        if live is None:
+            live = Live("tcp", self._ns(ev.start_ns), ROLES[ev.role],
+                        endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
+                        self._owner(ev.owner))
+        elif live.owner is None and ev.owner.pid:
+            live.owner = self._owner(ev.owner)
+        self._ended[ev.cookie] = None
+        while len(self._ended) > 4096:
+            self._ended.popitem(last=False)
+        reason = end_reason(ev.type, ev.flags, ev.oldstate)
+        self._emit("FAILURE" if failed else "END", ev.cookie, live, self._ns(ev.ts_ns),
+                   counters=_counters(ev), state="CLOSE",
+                   previous_state=TCP_STATES.get(ev.oldstate), reason=reason,
+                   error=ERRORS.get(reason))
+
+    def _udp_start(self, ev: Event) -> None:
+        key = (ev.cookie, bytes(ev.raddr), ev.rport, ev.family)
+        if key in self._udp:
+            return
+        live = Live("udp", self._ns(ev.start_ns), ROLES[ev.role],
+                    endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
+                    self._owner(ev.owner))
+        self._udp_add(key, live)
+        live.reported_ns = live.start_ns
+        self._emit("START", ev.cookie, live, live.start_ns, counters=(0, 0, 0, 0))
+
+    def _udp_add(self, key: UdpKey, live: Live) -> None:
+        self._udp[key] = live
+        self._udp_by_cookie.setdefault(key[0], set()).add(key)
+
+    def _udp_release(self, ev: Event) -> None:
+        table = self.bpf[b"udp_flows"]
+        for key in self._udp_by_cookie.pop(ev.cookie, set()):
+            live = self._udp.pop(key)
+            ckey = self._udp_key(table, key)
+            try:
+                value = table[ckey]
+            except KeyError:
+                continue
+            del table[ckey]
+            self._emit("END", key[0], live, self._ns(ev.ts_ns), counters=_udp_counters(value),
+                       reason="SOCKET_CLOSED")
+
+    @staticmethod
+    def _udp_key(table: Any, key: UdpKey) -> Any:
+        ckey = table.Key()
+        ckey.cookie = key[0]
+        ct.memmove(ckey.raddr, key[1], 16)
+        ckey.rport = key[2]
+        ckey.family = key[3]
+        return ckey
+
+    # ---- periodic scan: UPDATE, RETRANSMIT, UDP idle, lost events, drops -------------------
+
+    def scan(self, final: bool = False) -> None:
+        """Read the kernel's flow maps: publish UPDATEs, RETRANSMITs, idle UDP ENDs, DROPS."""
+        self._sync_clock()
+        now = time.time_ns()
+        interval = int(self.options.update_interval_s * 1e9)
+        self._scan_tcp(now, interval)
+        self._scan_udp(now, interval)
+        self._report_drops(now, final)
+
+    def _scan_tcp(self, now: int, interval: int) -> None:
+        seen: set[int] = set()
+        owners = self.bpf[b"owners"]
+        for key, f in _items(self.bpf[b"tcp_flows"]):
+            cookie = getattr(key, "value", key)  # batch lookups give ints, items() c_uint64
+            seen.add(cookie)
+            live = self._tcp.get(cookie)
+            if live is None:
+                if not f.flags & F_STARTED or cookie in self._ended:
+                    continue
+                live = self._adopt_tcp(cookie, f, owners)  # its START event was lost
+            live.missing = False
+            counters = _flow_counters(f)
+            if f.retrans > live.retrans:
+                live.retrans = f.retrans
+                self._emit("RETRANSMIT", cookie, live, now, counters=counters, rtt=_rtt(f),
+                           state="ESTABLISHED")
+            if now - live.reported_ns >= interval and counters != live.reported:
+                self._emit("UPDATE", cookie, live, now, counters=counters, rtt=_rtt(f),
+                           state="ESTABLISHED")
+        for cookie in [c for c in self._tcp if c not in seen]:
+            live = self._tcp[cookie]
+            if live.missing:  # gone at two scans and no END arrived: the END was lost
+                del self._tcp[cookie]
+                self._emit("END", cookie, live, now, counters=live.reported)
+            else:
+                live.missing = True
+
+    def _adopt_tcp(self, cookie: int, f: Any, owners: Any) -> Live:
+        try:
+            owner = self._owner(owners[ct.c_uint64(cookie)])
+        except KeyError:
+            owner = None
+        live = Live("tcp", self._ns(f.start_ns), ROLES[f.role],
+                    endpoints(f.family, f.laddr, f.lport, f.raddr, f.rport), owner)
+        self._tcp[cookie] = live
+        self._emit("START", cookie, live, live.start_ns, counters=(0, 0, 0, 0),
+                   state="ESTABLISHED")
+        return live
+
+    def _scan_udp(self, now: int, interval: int) -> None:
+        table = self.bpf[b"udp_flows"]
+        idle = int(self.options.udp_idle_timeout_s * 1e9)
+        owners = self.bpf[b"owners"]
+        for ckey, value in _items(table):
+            key = (ckey.cookie, bytes(ckey.raddr), ckey.rport, ckey.family)
+            live = self._udp.get(key)
+            if live is None:  # its START event was lost
+                fam, local = _address(bytes(value.laddr), ckey.family)
+                _, remote = _address(bytes(ckey.raddr), ckey.family)
+                try:
+                    owner = self._owner(owners[ct.c_uint64(ckey.cookie)])
+                except KeyError:
+                    owner = None
+                live = Live("udp", self._ns(value.start_ns), ROLES[value.role],
+                            Endpoints(fam, local, value.lport, remote, ckey.rport), owner)
+                self._udp_add(key, live)
+                self._emit("START", key[0], live, live.start_ns, counters=(0, 0, 0, 0))
+            counters = _udp_counters(value)
+            last = self._ns(value.last_ns)
+            if now - last >= idle:
+                del table[ckey]
+                self._udp.pop(key, None)
+                self._udp_by_cookie.get(key[0], set()).discard(key)
+                self._emit("END", key[0], live, last, counters=counters, reason="IDLE")
+            elif now - live.reported_ns >= interval and counters != live.reported:
+                self._emit("UPDATE", key[0], live, now, counters=counters)
+
+    def _report_drops(self, now: int, final: bool) -> None:
+        table = self.bpf[b"drops"]
+        drops = tuple(int(table.sum(i).value) for i in range(len(DROP_FIELDS)))
+        if drops == self._drops and not final:
+            return
+        if any(d > p for d, p in zip(drops, self._drops, strict=True)):
+            log.warning("eBPF sensor losses: %s", dict(zip(DROP_FIELDS, drops, strict=True)))
+        self._drops = drops
+        record = dict(self._fields)
+        record.update(type="DROPS", host_name=self.options.host_name, boot_id=self.boot_id,
+                      cookie=0, timestamp_ns=now, event_id=self._event_id(0, "", "DROPS", now),
+                      drops=dict(zip(DROP_FIELDS, drops, strict=True)))
+        self.publish(TOPIC, f"{self.options.host_name}:drops", record)
+
+    @property
+    def drops(self) -> dict[str, int]:
+        """The latest loss counters read from the kernel."""
+        return dict(zip(DROP_FIELDS, self._drops, strict=True))
+
+    # ---- records ---------------------------------------------------------------------------
+
+    def _sync_clock(self) -> None:
+        self._boot_offset = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+    def _ns(self, boot_ns: int) -> int:
+        """Epoch nanoseconds of a bpf_ktime_get_boot_ns() value."""
+        return boot_ns + self._boot_offset
+
+    def _owner(self, owner: Any) -> dict[str, Any] | None:
+        if not owner.pid:
+            return None
+        record = self.processes.lookup(owner.pid, comm=owner.comm.decode(errors="replace"),
+                                       tid=owner.tid, uid=owner.uid, gid=owner.gid,
+                                       cgroup_id=owner.cgroup_id)
+        if record.get("container_id") is None and record.get("cgroup_path"):
+            ref = container_from_cgroup_path(record["cgroup_path"])
+            record["container_id"] = ref.container_id if ref else None
+        return {"process": record, "source": SOURCES.get(owner.source),
+                "netns_inode": _netns_inode(owner.pid)}
+
+    def _event_id(self, cookie: int, remote: str, kind: str, ts: int) -> str:
+        text = f"{self.options.host_name}|{self.boot_id}|{cookie}|{remote}|{kind}|{ts}"
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def _emit(self, kind: str, cookie: int, live: Live, ts: int, *,
+              counters: tuple[int, ...] = (), rtt: tuple[int, int, int] | None = None,
+              **extra: Any) -> None:
+        ends = live.ends
+        record = dict(self._fields)
+        record.update(
+            type=kind, host_name=self.options.host_name, boot_id=self.boot_id, cookie=cookie,
+            timestamp_ns=ts, start_ns=live.start_ns, transport=live.transport,
+            family=ends.family, role=live.role, local_ip=ends.local_ip,
+            local_port=ends.local_port, remote_ip=ends.remote_ip, remote_port=ends.remote_port,
+            event_id=self._event_id(cookie, f"{ends.remote_ip}:{ends.remote_port}", kind, ts))
+        if kind != "START":
+            record["duration_ns"] = max(0, ts - live.start_ns)
+        if counters:
+            (record["bytes_sent"], record["bytes_received"], record["packets_sent"],
+             record["packets_received"]) = counters[:4]
+            live.reported = counters[:4]
+            live.reported_ns = ts
+        if len(counters) > 4:
+            record["srtt_us"], record["rttvar_us"], record["retransmits"] = counters[4:7]
+        if rtt is not None:
+            record["srtt_us"], record["rttvar_us"], record["retransmits"] = rtt
+        if live.owner is not None:
+            process = live.owner["process"]
+            record.update(process=process, process_source=live.owner["source"],
+                          netns_inode=live.owner["netns_inode"],
+                          cgroup_id=process.get("cgroup_id"),
+                          container_id=process.get("container_id"))
+        record.update(extra)
+        self.publish(TOPIC, f"{self.options.host_name}:{cookie}", record)
+
+
+def _counters(ev: Event) -> tuple[int, ...]:
+    """Counters of a TCP kernel event: bytes and packets, then srtt, rttvar, retransmits."""
+    return (ev.bytes_sent, ev.bytes_received, ev.pkts_sent, ev.pkts_received, ev.srtt_us,
+            ev.rttvar_us, ev.retrans)
+
+
+def _flow_counters(f: Any) -> tuple[int, ...]:
+    """Counters of a live TCP flow from its map entry (see tcp_fill_event in flows.c)."""
+    sent = f.bytes_acked - f.acked0
+    if f.app_tx:
+        sent = min(sent, f.app_tx)  # never more than written: leaves out a counted FIN
+    received = f.bytes_received - f.rcvd0 - (1 if f.flags & F_FIN_IN else 0)
+    return (max(0, sent), max(received, f.app_rx), f.segs_out, f.segs_in)
+
+
+def _rtt(f: Any) -> tuple[int, int, int]:
+    return (f.srtt_us, f.rttvar_us, f.retrans)
+
+
+def _udp_counters(v: Any) -> tuple[int, ...]:
+    return (v.tx_bytes, v.rx_bytes, v.tx_pkts, v.rx_pkts)
+
+
+def _items(table: Any) -> Iterator[tuple[Any, Any]]:
+    """All entries of a BPF hash map, in one batch syscall when the kernel allows it."""
+    try:
+        yield from list(table.items_lookup_batch())
+    except Exception:  # bcc raises bare Exception when batch lookups are unsupported
+        yield from list(table.items())
+
+
+def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Event,
+        options: EbpfOptions) -> None:
+    """Follow every TCP and UDP flow of the host and ``publish`` raw.ebpf records until ``stop``."""
+    ok, why = available()
+    if not ok:
+        raise RuntimeError(f"eBPF sensor unavailable: {why}")
+    sensor = EbpfSensor(options, publish)
+    try:
+        sensor.load()
+        log.info("eBPF sensor attached to %s", options.cgroup_root or cgroup2_root())
+        sensor.run(stop)
+    finally:
+        sensor.close()

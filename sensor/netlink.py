@@ -1,0 +1,513 @@
+"""The Netlink half of the sensor: periodic sock_diag and RTM_GETLINK snapshots.
+
+Every interval it dumps all TCP/UDP sockets (with tcp_info) and interface counters of the host
+and of every other network namespace (containers), and publishes them on ``raw.netlink``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyroute2.netns
+from pyroute2 import IPRoute
+from pyroute2.netlink import (
+    NETLINK_ROUTE,
+    NETLINK_SOCK_DIAG,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
+from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
+
+from sensor.cgroups import CgroupResolver, cgroup_of_pid, container_from_cgroup_path
+from sensor.processes import ProcessCache
+
+log = logging.getLogger(__name__)
+
+TOPIC = "raw.netlink"
+INET_DIAG_INFO = 2
+INET_DIAG_CONG = 4
+INET_DIAG_CGROUP_ID = 21
+EXTENSIONS = (1 << (INET_DIAG_INFO - 1)) | (1 << (INET_DIAG_CONG - 1))
+U64_MAX = (1 << 64) - 1
+TCP_STATES = ("UNKNOWN", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
+              "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV")
+DUMPS = ((socket.AF_INET, socket.IPPROTO_TCP, "tcp", "ipv4"),
+         (socket.AF_INET6, socket.IPPROTO_TCP, "tcp", "ipv6"),
+         (socket.AF_INET, socket.IPPROTO_UDP, "udp", "ipv4"),
+         (socket.AF_INET6, socket.IPPROTO_UDP, "udp", "ipv6"))
+
+Publish = Callable[[str, str, dict[str, Any]], None]
+
+# sock_diag is decoded with struct: pyroute2's generic decoder costs ~0.5 ms per socket, which
+# a host with tens of thousands of sockets cannot afford every few seconds. The tcp_info
+# layout is pyroute2's (a prefix of the kernel's struct; shorter kernels are zero-padded).
+_NLMSGHDR = struct.Struct("=IHHII")
+_RTATTR = struct.Struct("=HH")
+_INET_DIAG_REQ_V2 = struct.Struct("=BBBxI48x")
+_INET_DIAG_MSG = struct.Struct("=BBBBHH16s16sIQIIIII")
+_TCP_INFO_INDEX = {name: i for i, (name, _) in enumerate(inet_diag_msg.tcp_info.fields)}
+_TCP_INFO = struct.Struct("=" + "".join(fmt for _, fmt in inet_diag_msg.tcp_info.fields))
+_U64 = struct.Struct("=Q")
+
+
+@dataclass
+class NetlinkOptions:
+    """Settings of the Netlink sensor.
+
+    ``other_namespaces``: also dump every other network namespace (containers; root only).
+    ``unchanged_every``: republish an unchanged socket every N snapshots (see NetlinkSensor).
+    ``on_container``: called once per container id seen (e.g. ``ContainerWatcher.resolve``).
+    """
+
+    host_name: str = field(default_factory=socket.gethostname)
+    interval_s: float = 5.0
+    udp: bool = True
+    interfaces: bool = True
+    other_namespaces: bool = True
+    processes: ProcessCache = field(default_factory=ProcessCache)
+    cgroups: CgroupResolver = field(default_factory=CgroupResolver)
+    unchanged_every: int = 12
+    on_container: Callable[[str], object] | None = None
+    proc: Path = Path("/proc")
+
+
+@dataclass
+class Namespace:
+    """A network namespace to dump, entered through ``path`` (one of its processes)."""
+
+    inode: int
+    path: str
+    host: bool
+    pids: list[int] = field(default_factory=list)
+    container_id: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name qualifying interface names outside the host namespace."""
+        return self.container_id[:12] if self.container_id else f"netns-{self.inode}"
+
+
+def netlink_socket_in(netns_path: str, protocol: int) -> socket.socket:
+    """A netlink socket created inside the network namespace at ``netns_path``.
+
+    setns(CLONE_NEWNET) changes only the calling thread, so a short-lived thread enters the
+    namespace and creates the socket, which stays bound to that namespace.
+    """
+    result: dict[str, Any] = {}
+
+    def enter_and_create() -> None:
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pyroute2.netns.setns(fd, flags=0)
+            finally:
+                os.close(fd)
+            result["socket"] = socket.socket(
+                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, protocol)
+        except OSError as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=enter_and_create, name="netns-enter")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["socket"]
+
+
+def discover_namespaces(proc: Path = Path("/proc"), other: bool = True) -> dict[int, Namespace]:
+    """Network namespaces by inode: the sensor's own (host) and, if ``other``, every namespace
+    a visible process is in, plus named ones under /run/netns."""
+    own = proc / "self" / "ns" / "net"
+    host_inode = os.stat(own).st_ino
+    namespaces = {host_inode: Namespace(host_inode, str(own), host=True)}
+    if not other:
+        return namespaces
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        path = f"{entry.path}/ns/net"
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            continue
+        namespace = namespaces.setdefault(inode, Namespace(inode, path, host=False))
+        namespace.pids.append(int(entry.name))
+    for run_dir in (Path("/run/netns"), Path("/var/run/netns")):
+        if run_dir.is_dir():
+            for named in run_dir.iterdir():
+                try:
+                    inode = named.stat().st_ino
+                except OSError:
+                    continue
+                namespaces.setdefault(inode, Namespace(inode, str(named), host=False))
+    for namespace in namespaces.values():
+        if namespace.host:
+            continue
+        for pid in sorted(namespace.pids):
+            path = cgroup_of_pid(pid, proc)
+            ref = container_from_cgroup_path(path) if path else None
+            if ref is not None:
+                namespace.container_id = ref.container_id
+                break
+    return namespaces
+
+
+def socket_owners(proc: Path = Path("/proc")) -> dict[int, int]:
+    """Socket inode -> lowest pid holding it in a file descriptor, for readable /proc/<pid>/fd."""
+    owners: dict[int, int] = {}
+    pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owners.setdefault(int(target[8:-1]), pid)
+    return owners
+
+
+@dataclass
+class DiagMessage:
+    """One inet_diag_msg with the attributes the sensor asks for."""
+
+    family: int
+    state: int
+    sport: int
+    dport: int
+    src: str
+    dst: str
+    ifindex: int
+    cookie: int
+    rqueue: int
+    wqueue: int
+    uid: int
+    inode: int
+    tcp_info: tuple[int, ...] | None = None
+    congestion: str | None = None
+    cgroup_id: int | None = None
+
+
+def dump_sockets(sock: socket.socket, family: int, protocol: int,
+                 seq: int = 1) -> Iterator[DiagMessage]:
+    """All sockets of ``family``/``protocol`` in the namespace of the netlink ``sock``."""
+    request = _INET_DIAG_REQ_V2.pack(family, protocol, EXTENSIONS, SS_ALL)
+    sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY,
+                             NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
+    address_size = 4 if family == socket.AF_INET else 16
+    while True:
+        data = sock.recv(1 << 20)
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length, msg_type, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size:
+                return
+            body, end = offset + _NLMSGHDR.size, offset + length
+            offset = (end + 3) & ~3
+            if msg_seq != seq:
+                continue
+            if msg_type == NLMSG_DONE:
+                return
+            if msg_type == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", data, body)[0]
+                raise OSError(code, f"sock_diag dump: {os.strerror(code)}")
+            if msg_type == SOCK_DIAG_BY_FAMILY:
+                yield _diag_message(data, body, end, family, address_size)
+
+
+def _diag_message(data: bytes, body: int, end: int, family: int,
+                  address_size: int) -> DiagMessage:
+    (_family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie, _expires,
+     rqueue, wqueue, uid, inode) = _INET_DIAG_MSG.unpack_from(data, body)
+    msg = DiagMessage(family, state, socket.ntohs(sport), socket.ntohs(dport),
+                      socket.inet_ntop(family, src[:address_size]),
+                      socket.inet_ntop(family, dst[:address_size]),
+                      ifindex, cookie, rqueue, wqueue, uid, inode)
+    offset = body + _INET_DIAG_MSG.size
+    while offset + _RTATTR.size <= end:
+        attr_len, attr_type = _RTATTR.unpack_from(data, offset)
+        if attr_len < _RTATTR.size:
+            break
+        payload = data[offset + _RTATTR.size:offset + attr_len]
+        if attr_type == INET_DIAG_INFO:
+            padded = payload[:_TCP_INFO.size].ljust(_TCP_INFO.size, b"\0")
+            msg.tcp_info = _TCP_INFO.unpack(padded)
+        elif attr_type == INET_DIAG_CONG:
+            msg.congestion = payload.split(b"\0", 1)[0].decode("ascii", "replace")
+        elif attr_type == INET_DIAG_CGROUP_ID:
+            msg.cgroup_id = _U64.unpack_from(payload)[0]
+        offset += (attr_len + 3) & ~3
+    return msg
+
+
+# SocketTcpInfo field -> tcp_info member; rates get special cases in _tcp_record.
+_TCP_FIELDS = {
+    "rtt_us": "tcpi_rtt", "rttvar_us": "tcpi_rttvar", "min_rtt_us": "tcpi_min_rtt",
+    "retransmits": "tcpi_total_retrans", "retransmits_current": "tcpi_retransmits",
+    "lost": "tcpi_lost", "unacked": "tcpi_unacked", "segs_in": "tcpi_segs_in",
+    "segs_out": "tcpi_segs_out", "data_segs_in": "tcpi_data_segs_in",
+    "data_segs_out": "tcpi_data_segs_out", "bytes_acked": "tcpi_bytes_acked",
+    "bytes_received": "tcpi_bytes_received", "bytes_sent": "tcpi_bytes_sent",
+    "bytes_retrans": "tcpi_bytes_retrans", "snd_cwnd": "tcpi_snd_cwnd",
+    "snd_mss": "tcpi_snd_mss", "last_data_recv_ms": "tcpi_last_data_recv",
+    "last_data_sent_ms": "tcpi_last_data_sent", "busy_time_us": "tcpi_busy_time",
+}
+_TCP_PICK = tuple((name, _TCP_INFO_INDEX[member]) for name, member in _TCP_FIELDS.items())
+_DELIVERY_RATE = _TCP_INFO_INDEX["tcpi_delivery_rate"]
+_PACING_RATE = _TCP_INFO_INDEX["tcpi_pacing_rate"]
+
+
+def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]:
+    record = {name: info[index] for name, index in _TCP_PICK}
+    pacing = info[_PACING_RATE]
+    record["delivery_rate"] = info[_DELIVERY_RATE] or None
+    record["pacing_rate"] = None if pacing >= U64_MAX >> 1 else pacing
+    record["congestion"] = congestion
+    return record
+
+
+@dataclass
+class _Snapshot:
+    """State shared by the per-socket conversions of one snapshot."""
+
+    owners: dict[int, int]
+    processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+
+
+def _activity(record: dict[str, Any]) -> tuple[Any, ...]:
+    """What changes when a socket is used: state, queues and TCP segment counters."""
+    tcp = record["tcp"]
+    counters = (tcp["segs_in"], tcp["segs_out"], tcp["retransmits"]) if tcp else ()
+    return (record["state"], record["rqueue"], record["wqueue"], record["pid"], *counters)
+
+
+class NetlinkSensor:
+    """Takes snapshots and remembers the previous one to report closed sockets.
+
+    A socket is published when it first appears, whenever its state, queues or segment
+    counters change, and otherwise every ``unchanged_every`` snapshots (1: always), so idle
+    sockets cost little; a socket gone since the previous snapshot is published as
+    SOCKET_CLOSED with its last values.
+    """
+
+    def __init__(self, options: NetlinkOptions) -> None:
+        self.options = options
+        self.privileged = os.geteuid() == 0
+        self.limitations: list[str] = []
+        self._previous: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._published: dict[int, tuple[tuple[Any, ...], int]] = {}
+        self._count = 0
+        self._containers_seen: set[str] = set()
+        self._warned: set[str] = set()
+        if not self.privileged:
+            self._warn_once(
+                f"Netlink sensor runs unprivileged (uid {os.getuid()}): it sees the sockets and "
+                "interfaces of its own network namespace only (no container namespaces: entering "
+                "them needs CAP_SYS_ADMIN), and finds the owning process only of sockets held by "
+                "processes of its own user (other users' /proc/<pid>/fd is unreadable). Run it "
+                "as root for full coverage.")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self.limitations.append(message)
+            log.warning("%s", message)
+
+    def snapshot(self) -> list[tuple[str, dict[str, Any]]]:
+        """One snapshot of sockets and interfaces: the (key, NetlinkEvent) pairs to publish."""
+        options = self.options
+        now_ms = round(time.time() * 1000)
+        namespaces = discover_namespaces(options.proc, options.other_namespaces
+                                         and self.privileged)
+        state = _Snapshot(socket_owners(options.proc))
+        events: list[tuple[str, dict[str, Any]]] = []
+        current: dict[int, tuple[int, dict[str, Any]]] = {}
+        dumped: set[int] = set()
+        links: list[tuple[Namespace, dict[str, Any]]] = []
+        for namespace in namespaces.values():
+            try:
+                sockets = list(self._sockets(namespace, state))
+                if options.interfaces:
+                    links += [(namespace, link) for link in self._links(namespace)]
+            except OSError as error:
+                self._namespace_error(namespace, error)
+                continue
+            dumped.add(namespace.inode)
+            for record in sockets:
+                current[record["cookie"]] = (namespace.inode, record)
+        self._count += 1
+        for cookie, (inode, record) in current.items():
+            signature = _activity(record)
+            last = self._published.get(cookie)
+            if last is None or last[0] != signature or \
+                    self._count - last[1] >= max(1, options.unchanged_every):
+                self._published[cookie] = (signature, self._count)
+                events.append((f"{options.host_name}:{cookie}",
+                               self._event("SOCKET", now_ms, inode, socket=record)))
+        for cookie, (inode, record) in self._previous.items():
+            if cookie in current:
+                continue
+            if inode in dumped or inode not in namespaces:
+                self._published.pop(cookie, None)
+                events.append((f"{options.host_name}:{cookie}",
+                               self._event("SOCKET_CLOSED", now_ms, inode, socket=record)))
+            else:
+                current[cookie] = (inode, record)
+        self._previous = current
+        for namespace, link in _pair_veths(links):
+            name = link["name"] if namespace.host else f"{namespace.label}/{link['name']}"
+            events.append((f"{options.host_name}:if:{name}",
+                           self._event("INTERFACE", now_ms, namespace.inode, interface=link)))
+        return events
+
+    def _namespace_error(self, namespace: Namespace, error: OSError) -> None:
+        if namespace.host:
+            raise error
+        if namespace.pids and not any(os.path.exists(f"{self.options.proc}/{pid}")
+                                      for pid in namespace.pids):
+            log.debug("network namespace %d vanished during the snapshot", namespace.inode)
+        else:
+            self._warn_once(f"cannot enter network namespace {namespace.path}: {error}")
+
+    def _event(self, kind: str, now_ms: int, inode: int, **sub: Any) -> dict[str, Any]:
+        return {"kind": kind, "timestamp_ms": now_ms, "host_name": self.options.host_name,
+                "netns_inode": inode, "socket": sub.get("socket"),
+                "interface": sub.get("interface")}
+
+    def _open(self, namespace: Namespace, protocol: int) -> int:
+        if namespace.host:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                                 protocol).detach()
+        return netlink_socket_in(namespace.path, protocol).detach()
+
+    def _sockets(self, namespace: Namespace, state: _Snapshot) -> Iterator[dict[str, Any]]:
+        dumps = DUMPS if self.options.udp else DUMPS[:2]
+        with socket.socket(fileno=self._open(namespace, NETLINK_SOCK_DIAG)) as sock:
+            sock.bind((0, 0))
+            for seq, (family, protocol, transport, family_name) in enumerate(dumps, 1):
+                for msg in dump_sockets(sock, family, protocol, seq):
+                    yield self._socket_record(msg, transport, family_name, namespace, state)
+
+    def _socket_record(self, msg: DiagMessage, transport: str, family: str,
+                       namespace: Namespace, state: _Snapshot) -> dict[str, Any]:
+        pid = state.owners.get(msg.inode) if msg.inode else None
+        process = self._process(pid, state) if pid is not None else None
+        ref = self.options.cgroups.container_of(msg.cgroup_id) if msg.cgroup_id else None
+        container_id = (ref.container_id if ref else None) \
+            or (process or {}).get("container_id") or namespace.container_id
+        if container_id is not None and container_id not in self._containers_seen:
+            self._containers_seen.add(container_id)
+            if self.options.on_container is not None:
+                self.options.on_container(container_id)
+        if transport == "udp":
+            state_name = "ESTABLISHED" if msg.state == 1 else "CLOSE"
+        else:
+            state_name = TCP_STATES[msg.state] if msg.state < len(TCP_STATES) else "UNKNOWN"
+        return {
+            "cookie": msg.cookie,
+            "transport": transport,
+            "family": family,
+            "state": state_name,
+            "local_ip": msg.src,
+            "local_port": msg.sport,
+            "remote_ip": msg.dst,
+            "remote_port": msg.dport,
+            "bound_ifindex": msg.ifindex or None,
+            "uid": msg.uid,
+            "inode": msg.inode,
+            "rqueue": msg.rqueue,
+            "wqueue": msg.wqueue,
+            "cgroup_id": msg.cgroup_id,
+            "pid": pid,
+            "process": process,
+            "container_id": container_id,
+            "tcp": _tcp_record(msg.tcp_info, msg.congestion)
+            if msg.tcp_info is not None and transport == "tcp" else None,
+        }
+
+    def _process(self, pid: int, state: _Snapshot) -> dict[str, Any] | None:
+        if pid not in state.processes:
+            state.processes[pid] = self.options.processes.lookup(pid)
+        return state.processes[pid]
+
+    def _links(self, namespace: Namespace) -> list[dict[str, Any]]:
+        with IPRoute(fileno=self._open(namespace, NETLINK_ROUTE)) as ipr:
+            return [_link_record(msg, namespace) for msg in ipr.get_links()]
+
+
+def _link_record(msg: Any, namespace: Namespace) -> dict[str, Any]:
+    stats = msg.get_attr("IFLA_STATS64") or msg.get_attr("IFLA_STATS") or {}
+    info = msg.get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return {
+        "name": msg.get_attr("IFLA_IFNAME"),
+        "ifindex": msg["index"],
+        "kind": kind,
+        "operstate": msg.get_attr("IFLA_OPERSTATE"),
+        "mtu": msg.get_attr("IFLA_MTU"),
+        "mac": msg.get_attr("IFLA_ADDRESS"),
+        "host_namespace": namespace.host,
+        "container_id": namespace.container_id,
+        "peer_ifindex": msg.get_attr("IFLA_LINK") if kind == "veth" else None,
+        "peer_name": None,
+        "peer_netns_inode": None,
+        **{name: stats.get(name, 0) for name in (
+            "rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "rx_errors", "tx_errors",
+            "rx_dropped", "tx_dropped", "multicast")},
+    }
+
+
+def _pair_veths(links: list[tuple[Namespace, dict[str, Any]]]
+                ) -> list[tuple[Namespace, dict[str, Any]]]:
+    """Fill peer fields of veth pairs whose ends point at each other (ifindex <-> IFLA_LINK)
+    in different namespaces; a host-side veth takes the container id of its peer's namespace."""
+    by_index: dict[int, list[tuple[Namespace, dict[str, Any]]]] = {}
+    for namespace, link in links:
+        if link["kind"] == "veth":
+            by_index.setdefault(link["ifindex"], []).append((namespace, link))
+    for namespace, link in links:
+        if link["kind"] != "veth" or link["peer_ifindex"] is None:
+            continue
+        peers = [(ns, peer) for ns, peer in by_index.get(link["peer_ifindex"], [])
+                 if ns.inode != namespace.inode and peer["peer_ifindex"] == link["ifindex"]]
+        if len(peers) != 1:
+            continue
+        peer_ns, peer = peers[0]
+        link["peer_name"], link["peer_netns_inode"] = peer["name"], peer_ns.inode
+        if link["container_id"] is None:
+            link["container_id"] = peer_ns.container_id
+    return links
+
+
+def run(publish: Publish, stop: threading.Event, options: NetlinkOptions) -> None:
+    """Publish a snapshot on ``raw.netlink`` every ``interval_s`` until ``stop`` is set."""
+    sensor = NetlinkSensor(options)
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            events = sensor.snapshot()
+        except OSError:
+            log.exception("netlink snapshot failed; retrying next interval")
+            events = []
+        for key, value in events:
+            publish(TOPIC, key, value)
+        log.debug("netlink snapshot: %d records in %.3f s", len(events),
+                  time.monotonic() - started)
+        stop.wait(max(0.0, options.interval_s - (time.monotonic() - started)))

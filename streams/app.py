@@ -1,0 +1,498 @@
+"""The Faust stream worker: raw sensor records -> enriched flows (Avro, ECS, OCSF) and
+per-container/pod windows, with state in RocksDB tables (rocksdict) backed by changelog topics.
+
+Stages: raw agent (decode, dead-letter, repartition by flow 5-tuple) -> flows agent (flows
+table, flow events, activity repartitioned by container/pod) -> windows agent (windows table,
+ContainerMetrics). Timeouts and window closing run on tick records that a timer sends to each
+assigned partition, so that every table change happens in stream context and is changelogged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client import Counter as PCounter
+
+from packetless.config import Settings
+from packetless.kafka import ensure_schemas, ensure_topics
+from packetless.serde import Codec, DecodeError
+from packetless.topics import topic_name
+from streams import ecs, ocsf
+from streams.flows import (
+    Activity,
+    Emission,
+    FlowConfig,
+    FlowState,
+    Observation,
+    activity,
+    due,
+    expired,
+    observe,
+)
+from streams.meta import MetaCache
+from streams.raw import Listeners, from_ebpf, from_netlink
+from streams.records import container_of, enrichment, flow_record
+from streams.windows import EntityState, WindowConfig
+
+log = logging.getLogger(__name__)
+
+TICK = b"\x00tick"
+METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
+PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
+
+
+@dataclass
+class StreamOptions:
+    """Tuning of the worker; every value can come from ``PACKETLESS_<NAME>``."""
+
+    partitions: int = 4  # of the internal repartition topics and the tables
+    tick_s: float = 1.0
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    windows: WindowConfig = field(default_factory=WindowConfig)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> StreamOptions:
+        """Options from ``PACKETLESS_*`` variables, then ``overrides`` (None values ignored)."""
+        env = {**{k.removeprefix("PACKETLESS_").lower(): v for k, v in os.environ.items()
+                  if k.startswith("PACKETLESS_")},
+               **{k: v for k, v in overrides.items() if v is not None}}
+        opts = cls()
+        opts.partitions = int(env.get("streams_partitions", opts.partitions))
+        opts.tick_s = float(env.get("tick_interval", opts.tick_s))
+        for name in ("active_timeout_s", "idle_timeout_s", "join_delay_s", "end_grace_s",
+                     "linger_s"):
+            key = name.removesuffix("_s").replace("linger", "flow_linger")
+            if key in env:
+                setattr(opts.flow, name, float(env[key]))
+        for name, key in (("step_s", "window_step"), ("hop_s", "window_hop"),
+                          ("grace_s", "window_grace")):
+            if key in env:
+                setattr(opts.windows, name, float(env[key]))
+        return opts
+
+
+class Metrics:
+    """Prometheus metrics of the worker (own registry, served at /metrics)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.records = PCounter("packetless_streams_records", "Input records read, by topic",
+                                ["topic"], registry=r)
+        self.dead = PCounter("packetless_streams_dead_letters", "Records sent to the DLQ",
+                             ["error_type"], registry=r)
+        self.flow_events = PCounter("packetless_streams_flow_events", "Flow events emitted",
+                                    ["type"], registry=r)
+        self.windows = PCounter("packetless_streams_window_records",
+                                "ContainerMetrics records emitted", ["entity_type"], registry=r)
+        self.late = PCounter("packetless_streams_late_activity",
+                             "Activity that arrived after its window was emitted", registry=r)
+        self.rate = Gauge("packetless_streams_events_per_second",
+                          "Raw records processed per second (last 10 s)", registry=r)
+        self.lag = Gauge("packetless_streams_consumer_lag", "Records not yet processed",
+                         ["topic", "partition"], registry=r)
+        self.tables = Gauge("packetless_streams_table_keys", "Keys in a local table",
+                            ["table"], registry=r)
+        self.meta = Gauge("packetless_streams_metadata_entries", "Known containers, processes",
+                          ["kind"], registry=r)
+        self.processed: deque[tuple[float, int]] = deque(maxlen=20)
+        self.total = 0
+
+
+class Worker:
+    """The Faust app and everything its agents share."""
+
+    def __init__(self, settings: Settings, workers_group: str, web_host: str, web_port: int,
+                 options: StreamOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.codec = Codec(settings)
+        self.meta = MetaCache()
+        self.meta_ready = asyncio.Event()
+        self.listeners = Listeners()
+        self.metrics = Metrics()
+        self.latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.started = time.time()
+        n = options.partitions
+        datadir = settings.data_dir / "streams" / f"{workers_group}-{web_port}"
+        datadir.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            workers_group, broker=[f"kafka://{b}" for b in settings.bootstrap_servers.split(",")],
+            broker_credentials=_credentials(settings), store="rocksdb://",
+            datadir=str(datadir),
+            topic_partitions=n, topic_replication_factor=1, topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest", processing_guarantee="at_least_once",
+            web_enabled=True, web_port=web_port, web_bind=web_host, web_host=web_host,
+            web_in_thread=False, broker_commit_interval=1.0, stream_recovery_delay=0.0,
+            table_standby_replicas=0, producer_acks=-1,
+        )
+        app = self.app
+        raw = lambda *suffixes: app.topic(*(topic_name(settings, s) for s in suffixes),  # noqa: E731
+                                          key_serializer="raw", value_serializer="raw")
+        self.raw_topic = raw("raw.ebpf", "raw.netlink")
+        self.out = {s: raw(s) for s in ("flows", "flows.ecs", "flows.ocsf", "metrics.containers",
+                                        "dlq")}
+        self.sockets_topic = app.topic(f"{workers_group}-sockets", internal=True, partitions=n,
+                                       key_serializer="raw", value_serializer="json")
+        self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
+                                        key_serializer="raw", value_serializer="json")
+        schema = faust.Schema(key_serializer="raw", value_serializer="json")
+        self.flows = app.Table("flows", default=None, partitions=n, schema=schema)
+        self.entities = app.Table("entities", default=None, partitions=n, schema=schema)
+        app.agent(self.raw_topic, name="raw")(self.raw_agent)
+        app.agent(self.sockets_topic, name="flows")(self.flows_agent)
+        app.agent(self.activity_topic, name="windows")(self.windows_agent)
+        app.timer(options.tick_s)(self.tick)
+        app.task(self.metadata_task)
+        for path, view in (("/containers", self.view_containers), ("/pods", self.view_pods),
+                           ("/flows", self.view_flows), ("/healthz", self.view_health),
+                           ("/metrics", self.view_metrics)):
+            app.page(path)(_as_view(view))
+
+    # -- stage 1: raw records -> observations keyed by flow
+
+    async def raw_agent(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            msg = event.message
+            suffix = msg.topic.removeprefix(self.settings.topic_prefix)
+            self.metrics.records.labels(suffix).inc()
+            self._processed(msg.topic, msg.partition, msg.offset)
+            try:
+                record = self.codec.decode(suffix, msg.value)
+            except DecodeError as exc:
+                await self.dead_letter(msg, exc.kind, exc.reason)
+                continue
+            try:
+                obs = (from_ebpf(record) if suffix == "raw.ebpf"
+                       else from_netlink(record, self.listeners)) if record else None
+            except (KeyError, TypeError, ValueError) as exc:
+                await self.dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
+                continue
+            if obs is not None:
+                await self.sockets_topic.send(key=obs.flow_key().encode(), value=obs.to_dict())
+
+    async def dead_letter(self, msg: Any, kind: str, reason: str) -> None:
+        """Keep ``msg`` unchanged on the DLQ with why it could not be processed."""
+        self.metrics.dead.labels(kind).inc()
+        headers = msg.headers.items() if isinstance(msg.headers, dict) else (msg.headers or [])
+        value = self.codec.encode("dlq", {
+            "reason": reason, "error_type": kind, "source_topic": msg.topic,
+            "source_partition": msg.partition, "source_offset": msg.offset,
+            "source_timestamp_ms": round(msg.timestamp * 1000) if msg.timestamp else None,
+            "key": msg.key, "value": msg.value, "headers": {k: v or b"" for k, v in headers},
+            "consumer": "streams", "host": self.settings.host_name,
+            "timestamp_ms": round(time.time() * 1000)})
+        await self.out["dlq"].send(key=msg.key, value=value)
+
+    # -- stage 2: flows
+
+    async def flows_agent(self, stream: faust.StreamT) -> None:
+        await self.meta_ready.wait()
+        async for event in stream.events():
+            now = _now_ms()
+            partition = event.message.partition
+            if event.key == TICK:
+                await self.flows_tick(partition, now)
+                continue
+            obs = Observation.from_dict(event.value)
+            stored = self.flows.get(event.key)
+            state, owed, sock = observe(FlowState.from_dict(stored) if stored else None, obs, now,
+                                        partition)
+            for old, emission in owed:
+                await self.publish_flow(old, emission, now)
+            for emission in due(state, now, self.options.flow, enrichment(state, self.meta)):
+                await self.publish_flow(state, emission, now)
+            if sock is not None:
+                container = container_of(state, sock, self.meta)
+                if container:
+                    for act in activity(state, sock, container, self.meta.pod_of(container)):
+                        await self.activity_topic.send(key=act.entity.encode(), value=act.__dict__)
+            self.flows[event.key] = state.to_dict()
+
+    async def flows_tick(self, partition: int, now: int) -> None:
+        """Flow timeouts of one partition: START after the join delay, UPDATE, END, forget."""
+        mine = [(k, v) for k, v in self.flows.items() if v and v["partition"] == partition]
+        for key, stored in mine:
+            state = FlowState.from_dict(stored)
+            for emission in due(state, now, self.options.flow, enrichment(state, self.meta)):
+                await self.publish_flow(state, emission, now)
+            if expired(state, now, self.options.flow):
+                del self.flows[key]
+            elif state.to_dict() != stored:
+                self.flows[key] = state.to_dict()
+
+    async def publish_flow(self, state: FlowState, emission: Emission, now: int) -> None:
+        record = flow_record(state, emission, self.meta, now)
+        key = record["flow_id"].encode()
+        self.metrics.flow_events.labels(emission.type).inc()
+        await self.out["flows"].send(key=key, value=self.codec.encode("flows", record))
+        for doc in ecs.documents(record):
+            await self.out["flows.ecs"].send(key=key, value=_json(doc))
+        for doc in ocsf.events(record):
+            await self.out["flows.ocsf"].send(key=key, value=_json(doc))
+
+    # -- stage 3: windows
+
+    async def windows_agent(self, stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            now = _now_ms()
+            partition = event.message.partition
+            if event.key == TICK:
+                await self.windows_tick(partition, now)
+                continue
+            act = Activity(**event.value)
+            stored = self.entities.get(event.key)
+            state = (EntityState.from_dict(stored["state"]) if stored
+                     else EntityState(entity=act.entity, entity_type=act.entity_type))
+            self._describe(state, act.container_id)
+            if not state.apply(act, self.options.windows):
+                self.metrics.late.inc()
+            self.entities[event.key] = {"partition": partition, "state": state.to_dict()}
+
+    def _describe(self, state: EntityState, container_id: str) -> None:
+        ref = self.meta.container_ref(container_id) or {}
+        if state.entity_type == "CONTAINER":
+            state.describe(ref.get("name"), ref.get("pod_namespace"), ref.get("pod_name"),
+                           ref.get("image"))
+        else:
+            state.describe(ref.get("pod_name"), ref.get("pod_namespace"), ref.get("pod_name"), None)
+
+    async def windows_tick(self, partition: int, now: int) -> None:
+        mine = [(k, v) for k, v in self.entities.items() if v and v["partition"] == partition]
+        for key, stored in mine:
+            state = EntityState.from_dict(stored["state"])
+            for rec in state.close(now, self.options.windows):
+                self.metrics.windows.labels(rec["entity_type"]).inc()
+                await self.out["metrics.containers"].send(
+                    key=f"{rec['entity_type']}:{rec['entity_id']}".encode(),
+                    value=self.codec.encode("metrics.containers", rec))
+            if state.idle():
+                del self.entities[key]
+            elif state.to_dict() != stored["state"]:
+                self.entities[key] = {"partition": partition, "state": state.to_dict()}
+
+    # -- ticks, metadata
+
+    async def tick(self) -> None:
+        """Send a tick to every assigned partition of the internal topics."""
+        names = {self.sockets_topic.get_topic_name(), self.activity_topic.get_topic_name()}
+        topics = {t.get_topic_name(): t for t in (self.sockets_topic, self.activity_topic)}
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic in names:
+                await topics[tp.topic].send(key=TICK, value={"tick": _now_ms()},
+                                            partition=tp.partition)
+        self._rate()
+
+    async def metadata_task(self) -> None:
+        """Follow meta.containers and meta.processes from the beginning (every worker needs all
+        of them) and the recent metrics.containers (for the web views). The flows agent waits
+        until the metadata present at start has been read."""
+        names = {s: topic_name(self.settings, s) for s in ("meta.containers", "meta.processes",
+                                                           "metrics.containers")}
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+                                    enable_auto_commit=False, group_id=None,
+                                    **_aiokafka_security(self.settings))
+        await consumer.start()
+        try:
+            await consumer.topics()
+            tps = [TopicPartition(t, p) for t in names.values()
+                   for p in sorted(consumer.partitions_for_topic(t) or ())]
+            consumer.assign(tps)
+            ends = await consumer.end_offsets(tps)
+            begins = await consumer.beginning_offsets(tps)
+            for tp in tps:
+                start = begins[tp]
+                if tp.topic == names["metrics.containers"]:
+                    start = max(start, ends[tp] - METRICS_BACKLOG)
+                consumer.seek(tp, start)
+            pending = {tp for tp in tps if tp.topic != names["metrics.containers"]
+                       and ends[tp] > begins[tp]}
+            if not pending:
+                self.meta_ready.set()
+            while True:
+                batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+                for tp, msgs in batches.items():
+                    for msg in msgs:
+                        self._metadata(names, msg)
+                    if tp in pending and await consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending and not self.meta_ready.is_set():
+                    log.info("metadata read: %d containers, %d processes",
+                             len(self.meta.containers), len(self.meta.processes))
+                    self.meta_ready.set()
+        finally:
+            await consumer.stop()
+
+    def _metadata(self, names: dict[str, str], msg: Any) -> None:
+        suffix = next(s for s, n in names.items() if n == msg.topic)
+        try:
+            record = self.codec.decode(suffix, msg.value)
+        except DecodeError as exc:
+            log.warning("%s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc.reason)
+            return
+        if suffix == "meta.containers":
+            self.meta.add_container(msg.key.decode() if msg.key else None, record)
+        elif record is None:
+            return
+        elif suffix == "meta.processes":
+            self.meta.add_process(record)
+        else:
+            kind = "tumbling" if record["window_size_ms"] == record["window_step_ms"] else "hopping"
+            entry = self.latest.setdefault((record["entity_type"], record["entity_id"]), {})
+            if record["window_end_ms"] >= entry.get(kind, {}).get("window_end_ms", 0):
+                entry[kind] = record
+
+    # -- web views
+
+    def _entities(self, entity_type: str) -> list[dict[str, Any]]:
+        items = []
+        for (etype, entity_id), entry in self.latest.items():
+            if etype != entity_type:
+                continue
+            main = entry.get("hopping") or entry["tumbling"]
+            items.append({"id": entity_id, "name": main["name"], "namespace": main["namespace"],
+                          "pod_name": main["pod_name"], "image": main["image"],
+                          "host_name": main["host_name"], "window": main,
+                          "tumbling": entry.get("tumbling")})
+        return sorted(items, key=lambda i: (i["name"] or "", i["id"]))
+
+    async def view_containers(self, web: Any, request: Any) -> Any:
+        """Latest window statistics of every container (hopping window first)."""
+        return web.json({"containers": self._entities("CONTAINER")})
+
+    async def view_pods(self, web: Any, request: Any) -> Any:
+        return web.json({"pods": self._entities("POD")})
+
+    async def view_flows(self, web: Any, request: Any) -> Any:
+        """Flows of this worker's partitions that involve ``?container=ID`` (all without it)."""
+        wanted = request.query.get("container")
+        now = _now_ms()
+        flows = []
+        for stored in list(self.flows.values()):
+            if not stored:
+                continue
+            state = FlowState.from_dict(stored)
+            rec = flow_record(state, Emission("END" if state.ended else "UPDATE", state.sequence,
+                                              None), self.meta, now)
+            ids = {(rec[side]["container"] or {}).get("id") for side in ("client", "server")}
+            if wanted and not any(i and i.startswith(wanted) for i in ids):
+                continue
+            rec["active"] = not state.ended
+            flows.append(rec)
+        flows.sort(key=lambda r: -r["timestamp_ms"])
+        return web.json({"flows": flows[:1000], "partial": len(self.app.assignor.assigned_actives())
+                         < 2 * self.options.partitions})
+
+    async def view_health(self, web: Any, request: Any) -> Any:
+        ok = self.meta_ready.is_set()
+        body = {"status": "ok" if ok else "starting", "metadata_ready": ok,
+                "uptime_s": round(time.time() - self.started, 1),
+                "partitions": sorted(f"{tp.topic}:{tp.partition}"
+                                     for tp in self.app.assignor.assigned_actives())}
+        return web.json(body, status=200 if ok else 503)
+
+    async def view_metrics(self, web: Any, request: Any) -> Any:
+        m = self.metrics
+        consumer = self.app.consumer
+        for tp in consumer.assignment():
+            done = self.offsets.get((tp.topic, tp.partition))
+            high = consumer.highwater(tp)
+            if high is not None:
+                m.lag.labels(tp.topic, str(tp.partition)).set(max(high - (done + 1 if done is not None
+                                                                           else 0), 0))
+        m.tables.labels("flows").set(sum(1 for _ in self.flows))
+        m.tables.labels("entities").set(sum(1 for _ in self.entities))
+        m.meta.labels("containers").set(len(self.meta.containers))
+        m.meta.labels("processes").set(len(self.meta.processes))
+        return web.bytes(generate_latest(m.registry), content_type=PROMETHEUS_TYPE)
+
+    def _processed(self, topic: str, partition: int, offset: int) -> None:
+        self.offsets[(topic, partition)] = offset
+        self.metrics.total += 1
+
+    def _rate(self) -> None:
+        samples = self.metrics.processed
+        samples.append((time.monotonic(), self.metrics.total))
+        window = [s for s in samples if s[0] >= samples[-1][0] - 10]
+        if len(window) > 1 and window[-1][0] > window[0][0]:
+            self.metrics.rate.set((window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]))
+
+
+def _as_view(handler: Any) -> Any:
+    """A Faust page function (called as an unbound View method) that runs ``handler``."""
+
+    async def page(view: Any, request: Any) -> Any:
+        return await handler(view, request)
+
+    return page
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _ssl_context(settings: Settings) -> Any:
+    from aiokafka.helpers import create_ssl_context
+
+    return create_ssl_context(cafile=settings.ssl_ca_location,
+                              certfile=settings.ssl_certificate_location,
+                              keyfile=settings.ssl_key_location)
+
+
+def _credentials(settings: Settings) -> Any:
+    """Faust broker credentials for the configured security protocol."""
+    proto = settings.security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    ssl = _ssl_context(settings) if proto.endswith("SSL") else None
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.sasl_username,
+                                     password=settings.sasl_password,
+                                     mechanism=settings.sasl_mechanism or "PLAIN", ssl_context=ssl)
+    return faust.SSLCredentials(ssl)
+
+
+def _aiokafka_security(settings: Settings) -> dict[str, Any]:
+    proto = settings.security_protocol
+    if proto == "PLAINTEXT":
+        return {}
+    conf: dict[str, Any] = {"security_protocol": proto}
+    if proto.endswith("SSL"):
+        conf["ssl_context"] = _ssl_context(settings)
+    if proto.startswith("SASL"):
+        conf.update(sasl_mechanism=settings.sasl_mechanism or "PLAIN",
+                    sasl_plain_username=settings.sasl_username,
+                    sasl_plain_password=settings.sasl_password)
+    return conf
+
+
+def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
+         workers_group: str = "packetless-streams", **tuning: Any) -> int:
+    """Run one worker until SIGINT/SIGTERM; returns the exit code."""
+    options = StreamOptions.from_env(**tuning)
+    ensure_topics(settings)
+    ensure_schemas(Codec(settings))
+    worker = Worker(settings, workers_group, web_host, web_port, options)
+    faust_worker = faust.Worker(worker.app, loglevel=logging.getLogger().getEffectiveLevel()
+                                or logging.INFO, quiet=True)
+    try:
+        faust_worker.execute_from_commandline()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
+

@@ -1,0 +1,404 @@
+"""Flow state, pure logic: merges the eBPF events and Netlink snapshots of each socket (by cookie)
+and the two sockets of one connection (by normalized 5-tuple) into one flow, idempotently, and
+decides when to emit START, UPDATE (active timeout, late enrichment) and END.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CLIENT, SERVER = "client", "server"
+IANA = {"tcp": 6, "udp": 17}
+# Linux's default net.ipv4.ip_local_port_range: a port there is most likely a client's
+EPHEMERAL = range(32768, 61000)
+CLOSED_STATES = frozenset({"CLOSE", "TIME_WAIT"})
+COUNTERS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "retransmits")
+
+
+def normalize_ip(ip: str) -> str:
+    """The canonical text of ``ip``; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def family_of(ip: str) -> str:
+    return "ipv6" if ":" in ip else "ipv4"
+
+
+@dataclass
+class Observation:
+    """One socket at one instant, from either sensor: what both raw topics have in common."""
+
+    host: str
+    cookie: int
+    ts_ns: int
+    source: str  # ebpf | netlink
+    kind: str  # the raw event type (START, UPDATE, END, ..., SOCKET, SOCKET_CLOSED)
+    transport: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    start_ns: int | None = None  # when the sensor says the flow started
+    role: str | None = None
+    netns_inode: int | None = None
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    packets_sent: int | None = None
+    packets_received: int | None = None
+    retransmits: int | None = None
+    srtt_us: int | None = None
+    rttvar_us: int | None = None
+    state: str | None = None
+    process: dict[str, Any] | None = None
+    container_id: str | None = None
+    cgroup_id: int | None = None
+    closed: bool = False
+    failed: bool = False
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.local_ip = normalize_ip(self.local_ip)
+        self.remote_ip = normalize_ip(self.remote_ip)
+
+    @property
+    def local(self) -> tuple[str, int]:
+        return (self.local_ip, self.local_port)
+
+    @property
+    def remote(self) -> tuple[str, int]:
+        return (self.remote_ip, self.remote_port)
+
+    def flow_key(self) -> str:
+        """The key both sockets of one connection share: host, transport, sorted endpoints."""
+        a, b = sorted([self.local, self.remote])
+        return f"{self.host}|{self.transport}|{a[0]}|{a[1]}|{b[0]}|{b[1]}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Observation:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class SocketState:
+    """What is known of one local socket, merged from all its observations."""
+
+    cookie: int
+    local_ip: str
+    local_port: int
+    role: str | None = None
+    netns_inode: int | None = None
+    first_ns: int = 0
+    last_ns: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+    retransmits: int = 0
+    srtt_us: int | None = None
+    rttvar_us: int | None = None
+    rtt_ns: int = 0  # event time of srtt_us
+    state: str | None = None
+    state_ns: int = 0
+    process: dict[str, Any] | None = None
+    container_id: str | None = None
+    closed: bool = False
+    closed_ns: int | None = None
+    failed: bool = False
+    error: str | None = None
+
+    def reopened_by(self, obs: Observation) -> bool:
+        """Whether ``obs`` starts a new flow on this closed socket (a UDP socket talking to the
+        same peer again after its flow went idle)."""
+        return self.closed and obs.kind == "START" and obs.ts_ns > (self.closed_ns or 0)
+
+    def merge(self, obs: Observation) -> bool:
+        """Fold ``obs`` in; True when anything changed. Cumulative counters take the maximum,
+        RTT and state the latest by event time: duplicates and late events change nothing."""
+        before = asdict(self)
+        start = min(obs.start_ns or obs.ts_ns, obs.ts_ns)
+        self.first_ns = min(self.first_ns, start) if self.first_ns else start
+        self.last_ns = max(self.last_ns, obs.ts_ns)
+        for name in COUNTERS:
+            value = getattr(obs, name)
+            if value is not None and value > getattr(self, name):
+                setattr(self, name, value)
+        if obs.srtt_us is not None and obs.ts_ns > self.rtt_ns:
+            self.srtt_us, self.rttvar_us, self.rtt_ns = obs.srtt_us, obs.rttvar_us, obs.ts_ns
+        if obs.state is not None and obs.ts_ns >= self.state_ns and not (self.closed and
+                                                                          obs.state == "ESTABLISHED"):
+            self.state, self.state_ns = obs.state, obs.ts_ns
+        if obs.role and (self.role is None or obs.source == "ebpf"):
+            self.role = obs.role
+        self.netns_inode = self.netns_inode or obs.netns_inode
+        self.container_id = self.container_id or obs.container_id
+        if obs.process and _richer(obs.process, self.process):
+            self.process = obs.process
+        if obs.closed or obs.failed or (obs.state in CLOSED_STATES and obs.source == "netlink"):
+            self.closed = True
+            self.closed_ns = max(self.closed_ns or 0, obs.ts_ns)
+        if obs.failed:
+            self.failed, self.error = True, obs.error or self.error
+        return asdict(self) != before
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SocketState:
+        return cls(**data)
+
+
+def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    """Whether process record ``new`` should replace ``old`` (another process, or more known)."""
+    if old is None or new.get("pid") != old.get("pid"):
+        return old is None or bool(new.get("exe"))
+    return sum(v not in (None, [], "") for v in new.values()) > sum(
+        v not in (None, [], "") for v in old.values())
+
+
+@dataclass
+class Activity:
+    """What one socket of a container did, cumulative, for the per-container windows."""
+
+    entity: str  # container id, or "<namespace>/<pod>" for a pod
+    entity_type: str  # CONTAINER | POD
+    container_id: str
+    host: str
+    flow_id: str
+    cookie: int
+    role: str
+    ts_ns: int
+    first_ns: int
+    bytes_in: int
+    bytes_out: int
+    packets_in: int
+    packets_out: int
+    retransmits: int
+    srtt_us: int | None
+    rttvar_us: int | None
+    rtt_ns: int
+    failed: bool
+    closed: bool
+
+
+@dataclass
+class FlowConfig:
+    """Timing of flow events (seconds of processing time)."""
+
+    active_timeout_s: float = 10.0  # UPDATE at most this often while a flow changes
+    idle_timeout_s: float = 300.0  # END for a flow with no event for this long
+    join_delay_s: float = 2.0  # wait this long for the other end before START
+    end_grace_s: float = 2.0  # wait this long for the other end's close before END
+    linger_s: float = 30.0  # keep an ended flow this long to absorb late duplicates
+
+
+@dataclass
+class FlowState:
+    """One connection: up to two local sockets (client, server) and what was emitted of it."""
+
+    key: str
+    flow_id: str
+    host: str
+    transport: str
+    partition: int = 0
+    sockets: dict[str, SocketState] = field(default_factory=dict)
+    retired: list[int] = field(default_factory=list)  # cookies of earlier flows on this tuple
+    seen_ms: int = 0  # processing time of the first observation
+    changed_ms: int = 0  # processing time of the latest change
+    emitted_ms: int = 0  # processing time of the latest emission
+    sequence: int = 0  # events emitted so far
+    started: bool = False
+    ended: bool = False
+    ended_ms: int = 0
+    dirty: bool = False  # changed since the latest emission
+    ended_with: int = 0  # sockets known when END was emitted (a late peer re-emits END)
+    enrichment: str = ""  # signature of the metadata known at the latest emission
+
+    @classmethod
+    def new(cls, obs: Observation, now_ms: int, partition: int = 0) -> FlowState:
+        key = obs.flow_key()
+        flow_id = hashlib.sha256(f"{key}|{obs.cookie}|{obs.ts_ns}".encode()).hexdigest()[:32]
+        return cls(key=key, flow_id=flow_id, host=obs.host, transport=obs.transport,
+                   partition=partition, seen_ms=now_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowState:
+        data = dict(data)
+        data["sockets"] = {k: SocketState.from_dict(v) for k, v in data["sockets"].items()}
+        return cls(**data)
+
+    # -- who is who
+
+    def endpoints(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        """(client, server) addresses."""
+        _host, _t, ip1, p1, ip2, p2 = self.key.rsplit("|", 5)
+        a, b = (ip1, int(p1)), (ip2, int(p2))
+        return (a, b) if self._client_is(a, b) else (b, a)
+
+    def _client_is(self, a: tuple[str, int], b: tuple[str, int]) -> bool:
+        for sock in self.sockets.values():
+            if sock.role:
+                at_a = (sock.local_ip, sock.local_port) == a
+                return at_a == (sock.role == CLIENT)
+        ephemeral_a, ephemeral_b = a[1] in EPHEMERAL, b[1] in EPHEMERAL
+        if ephemeral_a != ephemeral_b:
+            return ephemeral_a
+        return a[1] > b[1]
+
+    def socket_at(self, endpoint: tuple[str, int]) -> SocketState | None:
+        return next((s for s in self.sockets.values()
+                     if (s.local_ip, s.local_port) == endpoint), None)
+
+    def role_of(self, sock: SocketState) -> str:
+        client, _server = self.endpoints()
+        return CLIENT if (sock.local_ip, sock.local_port) == client else SERVER
+
+    @property
+    def failed(self) -> bool:
+        return any(s.failed for s in self.sockets.values())
+
+    def all_closed(self) -> bool:
+        return bool(self.sockets) and all(s.closed for s in self.sockets.values())
+
+    def both_ends(self) -> bool:
+        return len(self.sockets) == 2
+
+    def last_ns(self) -> int:
+        return max((s.last_ns for s in self.sockets.values()), default=0)
+
+    def first_ns(self) -> int:
+        return min((s.first_ns for s in self.sockets.values()), default=0)
+
+    def closed_ns(self) -> int:
+        return max((s.closed_ns or s.last_ns for s in self.sockets.values()), default=0)
+
+
+@dataclass
+class Emission:
+    """A flow event to publish, described by the flow's state when it is published."""
+
+    type: str  # START | UPDATE | END
+    sequence: int
+    end_reason: str | None = None
+
+
+def observe(state: FlowState | None, obs: Observation, now_ms: int, partition: int = 0,
+            ) -> tuple[FlowState, list[tuple[FlowState, Emission]], SocketState | None]:
+    """Fold ``obs`` into the flow of its 5-tuple.
+
+    Returns the flow's new state (a new flow when the tuple is reused by new sockets), the
+    events owed by an older flow it replaced (with that flow's state), and the socket that
+    changed (None when the observation was a duplicate or belongs to a retired flow).
+    """
+    owed: list[tuple[FlowState, Emission]] = []
+    if state is not None and obs.cookie in state.retired:
+        return state, owed, None
+    known = state.sockets.get(str(obs.cookie)) if state is not None else None
+    if known is not None and obs.source == "ebpf" and obs.ts_ns < known.first_ns:
+        return state, owed, None  # type: ignore[return-value]  # of an earlier flow of the socket
+    reopened = known is not None and known.reopened_by(obs)
+    reused = (state is not None and known is None
+              and state.socket_at(obs.local) is not None)  # the tuple is reused by a new socket
+    if state is not None and (reused or reopened):
+        if not state.ended:
+            owed += [(state, e) for e in finish(state, now_ms,
+                                                "closed" if state.all_closed() else "idle")]
+        retired = [*state.retired[-6:], *(int(c) for c in state.sockets if int(c) != obs.cookie)]
+        state = FlowState.new(obs, now_ms, partition)
+        state.retired = retired
+    if state is None:
+        state = FlowState.new(obs, now_ms, partition)
+    sock = state.sockets.get(str(obs.cookie))
+    if sock is None:
+        sock = SocketState(cookie=obs.cookie, local_ip=obs.local_ip, local_port=obs.local_port)
+        state.sockets[str(obs.cookie)] = sock
+    if not sock.merge(obs):
+        return state, owed, None
+    state.changed_ms = now_ms
+    state.dirty = True
+    state.partition = partition
+    return state, owed, sock
+
+
+def finish(state: FlowState, now_ms: int, reason: str) -> list[Emission]:
+    """START (unless a failed connect) if not yet emitted, then END; marks the state ended."""
+    out: list[Emission] = []
+    if state.failed and not state.started:
+        reason = "failed"
+    elif not state.started:
+        out.append(_emit(state, "START", now_ms))
+    state.ended, state.ended_ms, state.ended_with = True, now_ms, len(state.sockets)
+    out.append(_emit(state, "END", now_ms, reason))
+    return out
+
+
+def _emit(state: FlowState, kind: str, now_ms: int, reason: str | None = None) -> Emission:
+    if kind == "START":
+        state.started = True
+    emission = Emission(kind, state.sequence, reason)
+    state.sequence += 1
+    state.emitted_ms = now_ms
+    state.dirty = False
+    return emission
+
+
+def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "") -> list[Emission]:
+    """The events owed by ``state`` at processing time ``now_ms``; ``enrichment`` is the
+    signature of the metadata now known for it (a change triggers an UPDATE)."""
+    out: list[Emission] = []
+    if state.ended:
+        if len(state.sockets) > state.ended_with or (state.enrichment
+                                                     and enrichment != state.enrichment):
+            state.ended_with = len(state.sockets)
+            out.append(_emit(state, "END", now_ms, "failed" if state.failed else "closed"))
+        state.enrichment = enrichment
+        return out
+    age_s = (now_ms - state.seen_ms) / 1000
+    if state.all_closed():
+        closed_for_s = (now_ms - state.changed_ms) / 1000
+        if state.both_ends() or state.failed or closed_for_s >= cfg.end_grace_s:
+            out += finish(state, now_ms, "failed" if state.failed and not state.started else "closed")
+    elif (now_ms - state.changed_ms) / 1000 >= cfg.idle_timeout_s:
+        out += finish(state, now_ms, "idle")
+    elif not state.started:
+        if state.both_ends() or age_s >= cfg.join_delay_s:
+            out.append(_emit(state, "START", now_ms))
+    else:
+        timed_out = state.dirty and (now_ms - state.emitted_ms) / 1000 >= cfg.active_timeout_s
+        if timed_out or (state.enrichment and enrichment != state.enrichment):
+            out.append(_emit(state, "UPDATE", now_ms))
+    state.enrichment = enrichment
+    return out
+
+
+def expired(state: FlowState, now_ms: int, cfg: FlowConfig) -> bool:
+    """Whether an ended flow can be forgotten."""
+    return state.ended and (now_ms - state.ended_ms) / 1000 >= cfg.linger_s
+
+
+def activity(state: FlowState, sock: SocketState, container_id: str,
+             pod: str | None) -> list[Activity]:
+    """The window inputs of one changed socket: for its container, and its pod if any."""
+    role = state.role_of(sock)
+    base = dict(container_id=container_id, host=state.host, flow_id=state.flow_id,
+                cookie=sock.cookie, role=role, ts_ns=sock.last_ns, first_ns=sock.first_ns,
+                bytes_in=sock.bytes_received, bytes_out=sock.bytes_sent,
+                packets_in=sock.packets_received, packets_out=sock.packets_sent,
+                retransmits=sock.retransmits, srtt_us=sock.srtt_us, rttvar_us=sock.rttvar_us,
+                rtt_ns=sock.rtt_ns, failed=sock.failed, closed=sock.closed)
+    out = [Activity(entity=container_id, entity_type="CONTAINER", **base)]
+    if pod:
+        out.append(Activity(entity=pod, entity_type="POD", **base))
+    return out

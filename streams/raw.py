@@ -1,0 +1,74 @@
+"""Raw sensor records (``packetless.EbpfEvent``, ``packetless.NetlinkEvent``) as flow
+``Observation``s: the only place that knows the raw schemas' field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.flows import CLIENT, SERVER, Observation
+
+CLOSING_EBPF = frozenset({"END", "FAILURE"})
+
+
+@dataclass
+class Listeners:
+    """Listening ports seen in Netlink snapshots: a Netlink socket on one is a server."""
+
+    ports: set[tuple[str, int | None, int]] = field(default_factory=set)
+
+    def add(self, host: str, netns: int | None, port: int) -> None:
+        self.ports.add((host, netns, port))
+
+    def role(self, host: str, netns: int | None, local_port: int) -> str | None:
+        return SERVER if (host, netns, local_port) in self.ports else None
+
+
+def from_ebpf(rec: dict[str, Any]) -> Observation | None:
+    """The observation of one eBPF event; None for events that are not about a connection
+    (DROPS, or a socket without a remote end)."""
+    if rec["type"] == "DROPS" or not rec.get("remote_port") or not rec.get("transport"):
+        return None
+    role = (rec.get("role") or "").lower()
+    process = rec.get("process")
+    return Observation(
+        host=rec["host_name"], cookie=rec["cookie"], ts_ns=rec["timestamp_ns"], source="ebpf",
+        kind=rec["type"], transport=rec["transport"], local_ip=rec["local_ip"],
+        local_port=rec["local_port"], remote_ip=rec["remote_ip"], remote_port=rec["remote_port"],
+        start_ns=rec.get("start_ns"), role=role if role in (CLIENT, SERVER) else None,
+        netns_inode=rec.get("netns_inode"),
+        bytes_sent=rec.get("bytes_sent"), bytes_received=rec.get("bytes_received"),
+        packets_sent=rec.get("packets_sent"), packets_received=rec.get("packets_received"),
+        retransmits=rec.get("retransmits"), srtt_us=rec.get("srtt_us"),
+        rttvar_us=rec.get("rttvar_us"), state=rec.get("state"), process=process,
+        container_id=rec.get("container_id") or (process or {}).get("container_id"),
+        cgroup_id=rec.get("cgroup_id"), closed=rec["type"] in CLOSING_EBPF,
+        failed=rec["type"] == "FAILURE", error=rec.get("error"))
+
+
+def from_netlink(rec: dict[str, Any], listeners: Listeners) -> Observation | None:
+    """The observation of one Netlink socket record; None for interfaces, listeners and
+    unconnected sockets (a listener is remembered to tell servers from clients)."""
+    sock = rec.get("socket")
+    if rec["kind"] == "INTERFACE" or sock is None:
+        return None
+    if sock["state"] == "LISTEN":
+        listeners.add(rec["host_name"], rec.get("netns_inode"), sock["local_port"])
+        return None
+    if not sock["remote_port"]:
+        return None
+    tcp = sock.get("tcp") or {}
+    return Observation(
+        host=rec["host_name"], cookie=sock["cookie"], ts_ns=rec["timestamp_ms"] * 1_000_000,
+        source="netlink", kind=rec["kind"], transport=sock["transport"],
+        local_ip=sock["local_ip"], local_port=sock["local_port"], remote_ip=sock["remote_ip"],
+        remote_port=sock["remote_port"],
+        role=listeners.role(rec["host_name"], rec.get("netns_inode"), sock["local_port"]),
+        netns_inode=rec.get("netns_inode"),
+        bytes_sent=tcp.get("bytes_acked"), bytes_received=tcp.get("bytes_received"),
+        packets_sent=tcp.get("segs_out"), packets_received=tcp.get("segs_in"),
+        retransmits=tcp.get("retransmits"), srtt_us=tcp.get("rtt_us"),
+        rttvar_us=tcp.get("rttvar_us"), state=sock["state"], process=sock.get("process"),
+        container_id=sock.get("container_id"), cgroup_id=sock.get("cgroup_id"),
+        closed=rec["kind"] == "SOCKET_CLOSED")

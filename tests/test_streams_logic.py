@@ -1,0 +1,258 @@
+"""Pure logic of the stream worker: flow merging (duplicates, reordering, both ends, tuple
+reuse), flow events, ECS/OCSF documents, Community ID vectors, and the window statistics."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import fastavro
+import pytest
+
+import schemas
+from streams import ecs, ocsf
+from streams.flows import Activity, Emission, FlowConfig, FlowState, Observation, activity, due, observe
+from streams.meta import MetaCache
+from streams.records import community_id, flow_record
+from streams.windows import EntityState, RttAgg, WindowConfig
+
+T0 = 1_700_000_000_000_000_000  # event time origin, ns
+CFG = FlowConfig(active_timeout_s=10, idle_timeout_s=60, join_delay_s=2, end_grace_s=2, linger_s=30)
+CID_A = "a" * 64
+CID_B = "b" * 64
+
+
+def obs(cookie: int, role: str, kind: str, t_ms: int, sent: int = 0, received: int = 0,
+        **extra: object) -> Observation:
+    """A socket of the loopback connection 127.0.0.1:40000 -> 127.0.0.1:8080."""
+    client = role == "client"
+    values = dict(host="h1", cookie=cookie, ts_ns=T0 + t_ms * 1_000_000, source="ebpf", kind=kind,
+                  transport="tcp", local_ip="127.0.0.1", local_port=40000 if client else 8080,
+                  remote_ip="127.0.0.1", remote_port=8080 if client else 40000, role=role,
+                  bytes_sent=sent, bytes_received=received, packets_sent=sent // 100,
+                  packets_received=received // 100, retransmits=0, srtt_us=50 + t_ms,
+                  rttvar_us=10, state="ESTABLISHED",
+                  process={"pid": 100 if client else 200, "comm": "curl" if client else "nginx",
+                           "args": []},
+                  container_id=CID_A if client else CID_B,
+                  closed=kind in ("END", "FAILURE"), failed=kind == "FAILURE")
+    values.update(extra)
+    return Observation(**values)  # type: ignore[arg-type]
+
+
+EMITTED: list[Emission] = []
+
+
+def run(observations: list[Observation], ticks: list[int]) -> tuple[FlowState, list[tuple[str, int]]]:
+    """Feed observations at processing time 0 then tick; returns state and (type, seq) events
+    (the emissions themselves are left in EMITTED)."""
+    state = None
+    EMITTED.clear()
+    for o in observations:
+        state, owed, _ = observe(state, o, 0)
+        EMITTED.extend(e for _s, e in owed)
+        EMITTED.extend(due(state, 0, CFG))
+    assert state is not None
+    for now in ticks:
+        EMITTED.extend(due(state, now, CFG))
+    return state, [(e.type, e.sequence) for e in EMITTED]
+
+
+def loopback_flow() -> list[Observation]:
+    return [obs(1, "client", "START", 0), obs(2, "server", "START", 1),
+            obs(1, "client", "UPDATE", 1000, 500, 20000), obs(2, "server", "UPDATE", 1000, 20000, 500),
+            obs(1, "client", "END", 2000, 600, 30000, state="CLOSE"),
+            obs(2, "server", "END", 2001, 30000, 600, state="CLOSE")]
+
+
+def test_both_ends_merge_into_one_flow() -> None:
+    state, events = run(loopback_flow(), [100, 20_000])
+    assert events == [("START", 0), ("END", 1)]
+    assert len(state.sockets) == 2
+    rec = flow_record(state, EMITTED[-1], MetaCache(), 0)
+    assert rec["client"]["port"] == 40000 and rec["server"]["port"] == 8080
+    assert rec["client"]["process"]["comm"] == "curl" and rec["server"]["process"]["comm"] == "nginx"
+    assert rec["client_bytes"] == 600 and rec["server_bytes"] == 30000
+    assert rec["client"]["container"]["id"] == CID_A and rec["server"]["container"]["id"] == CID_B
+    fastavro.validate(rec, fastavro.parse_schema(schemas.load("Flow")), strict=True)
+
+
+def test_duplicates_and_reordering_give_the_same_state() -> None:
+    base, _ = run(loopback_flow(), [])
+    rng = random.Random(7)
+    for _ in range(20):
+        shuffled = loopback_flow() * 2
+        rng.shuffle(shuffled)
+        state, events = run(shuffled, [100, 20_000])
+        assert {k: s.bytes_sent for k, s in state.sockets.items()} == {
+            k: s.bytes_sent for k, s in base.sockets.items()}
+        assert {k: s.srtt_us for k, s in state.sockets.items()} == {
+            k: s.srtt_us for k, s in base.sockets.items()}
+        assert all(s.closed for s in state.sockets.values())
+        assert [t for t, _ in events] == ["START", "END"]
+        assert state.flow_id  # deterministic for a given first observation
+
+
+def test_start_waits_for_the_other_end_then_goes_alone() -> None:
+    state, events = run([obs(1, "client", "START", 0)], [1000, 2500])
+    assert events == [("START", 0)]
+    assert len(state.sockets) == 1
+
+
+def test_update_at_active_timeout_only_when_changed() -> None:
+    state = None
+    for o in loopback_flow()[:2]:
+        state, _, _ = observe(state, o, 0)
+    assert [e.type for e in due(state, 0, CFG)] == ["START"]
+    assert due(state, 11_000, CFG) == []  # nothing changed since START
+    state, _, _ = observe(state, obs(1, "client", "UPDATE", 5000, 10, 10), 12_000)
+    assert due(state, 13_000, CFG)[0].type == "UPDATE"
+    assert due(state, 14_000, CFG) == []
+
+
+def test_idle_flow_ends() -> None:
+    _state, events = run([obs(1, "client", "START", 0), obs(2, "server", "START", 1)], [61_000])
+    assert events == [("START", 0), ("END", 1)]
+
+
+def test_failed_connect_is_one_end_event() -> None:
+    o = obs(5, "client", "FAILURE", 0, error="ECONNREFUSED", state="CLOSE")
+    state, events = run([o], [5000])
+    assert events == [("END", 0)]
+    rec = flow_record(state, EMITTED[-1], MetaCache(), 0)
+    assert rec["end_reason"] == "failed" and rec["error"] == "ECONNREFUSED"
+    docs = ecs.documents(rec)
+    assert [d["event"]["action"] for d in docs] == ["connection_failed"]
+    assert ocsf.events(rec)[0]["activity_id"] == 5
+
+
+def test_tuple_reuse_starts_a_new_flow_and_ignores_the_old_sockets() -> None:
+    state = None
+    for o in loopback_flow():
+        state, _, _ = observe(state, o, 0)
+    due(state, 0, CFG)
+    first = state.flow_id
+    state, owed, _ = observe(state, obs(11, "client", "START", 90_000), 1000)
+    assert owed == [] and state.flow_id != first and list(state.sockets) == ["11"]
+    state, _, changed = observe(state, obs(2, "server", "END", 2001, 30000, 600), 1000)
+    assert changed is None and list(state.sockets) == ["11"]
+
+
+def test_netlink_snapshot_joins_ebpf_socket_by_cookie() -> None:
+    state = None
+    for o in loopback_flow()[:2]:
+        state, _, _ = observe(state, o, 0)
+    snap = replace(obs(1, "client", "SOCKET", 1500, 550, 25000), source="netlink", role=None,
+                   local_ip="::ffff:127.0.0.1", remote_ip="::ffff:127.0.0.1", process=None)
+    assert snap.flow_key() == loopback_flow()[0].flow_key()
+    state, _, changed = observe(state, snap, 0)
+    assert changed is not None and state.sockets["1"].bytes_received == 25000
+    assert state.sockets["1"].role == "client" and state.sockets["1"].process["comm"] == "curl"
+
+
+def test_ecs_document_fields_and_types() -> None:
+    state, _ = run(loopback_flow(), [100])
+    meta = MetaCache()
+    meta.add_container(CID_A, {"id": CID_A, "name": "web", "image": "nginx:1", "runtime": "docker",
+                               "labels": {"a": "b"}, "timestamp_ms": 1, "pod_name": "p1",
+                               "pod_namespace": "ns"})
+    rec = flow_record(state, EMITTED[-1], meta, 5)
+    client_doc, server_doc = ecs.documents(rec)
+    assert client_doc["source"] == {"ip": "127.0.0.1", "port": 40000, "bytes": 600, "packets": 6}
+    assert client_doc["destination"]["port"] == 8080
+    assert server_doc["source"]["port"] == 40000  # the initiator, from the server's view too
+    assert client_doc["network"]["direction"] == "egress"
+    assert server_doc["network"]["direction"] == "ingress"
+    assert client_doc["network"]["iana_number"] == "6"
+    assert client_doc["network"]["community_id"] == community_id("tcp", "127.0.0.1", 40000,
+                                                                 "127.0.0.1", 8080)
+    assert client_doc["event"]["action"] == "flow_end" and client_doc["event"]["kind"] == "event"
+    assert isinstance(client_doc["event"]["duration"], int) and client_doc["event"]["duration"] > 0
+    assert client_doc["container"]["name"] == "web"
+    assert client_doc["orchestrator"] == {"type": "kubernetes", "namespace": "ns",
+                                          "resource": {"type": "pod", "name": "p1"}}
+    assert client_doc["packetless"]["peer"]["process"]["name"] == "nginx"
+    assert server_doc["packetless"]["peer"]["container"]["name"] == "web"
+    assert client_doc["packetless"]["tcp"]["state"] == "CLOSE"
+    ev = ocsf.events(rec)[0]
+    assert ev["class_uid"] == 4001 and ev["type_uid"] == 400102
+    assert ev["traffic"]["bytes_out"] == 600 and ev["src_endpoint"]["port"] == 40000
+
+
+@pytest.mark.parametrize(("transport", "src", "sport", "dst", "dport", "expected"), [
+    ("tcp", "128.232.110.120", 34855, "66.35.250.204", 80, "1:LQU9qZlK+B5F3KDmev6m5PMibrg="),
+    ("tcp", "66.35.250.204", 80, "128.232.110.120", 34855, "1:LQU9qZlK+B5F3KDmev6m5PMibrg="),
+    ("udp", "192.168.1.52", 54585, "8.8.8.8", 53, "1:d/FP5EW3wiY1vCndhwleRRKHowQ="),
+    ("tcp", "2001:470:e5bf:dead:4957:2174:e82c:4887", 63943, "2607:f8b0:400c:c03::1a", 25,
+     "1:/qFaeAR+gFe1KYjMzVDsMv+wgU4="),
+])
+def test_community_id_reference_vectors(transport: str, src: str, sport: int, dst: str, dport: int,
+                                        expected: str) -> None:
+    assert community_id(transport, src, sport, dst, dport) == expected
+
+
+def act(cookie: int, role: str, t_ms: int, bytes_in: int, bytes_out: int, rtt: int | None,
+        **extra: object) -> Activity:
+    values = dict(entity=CID_A, entity_type="CONTAINER", container_id=CID_A, host="h1",
+                  flow_id=f"f{cookie}", cookie=cookie, role=role, ts_ns=T0 + t_ms * 1_000_000,
+                  first_ns=T0, bytes_in=bytes_in, bytes_out=bytes_out, packets_in=0, packets_out=0,
+                  retransmits=0, srtt_us=rtt, rttvar_us=5, rtt_ns=T0 + t_ms * 1_000_000,
+                  failed=False, closed=False)
+    values.update(extra)
+    return Activity(**values)  # type: ignore[arg-type]
+
+
+def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
+    cfg = WindowConfig(step_s=10, hop_s=60, grace_s=5)
+    e = EntityState(entity=CID_A, entity_type="CONTAINER")
+    t0_ms = T0 // 1_000_000
+    base = t0_ms // 10_000 * 10_000
+    acts = [act(1, "client", 1000, 100, 50, 100), act(1, "client", 3000, 300, 70, 200),
+            act(2, "server", 4000, 10, 1000, 1000), act(1, "client", 12_000, 400, 70, 300)]
+    for a in acts + acts:  # the second pass is all duplicates
+        e.apply(a, cfg)
+    e = EntityState.from_dict(e.to_dict())  # through JSON-able state
+    recs = e.close(base + 10_000 + 5000, cfg)
+    tumbling = [r for r in recs if r["window_size_ms"] == 10_000]
+    hopping = [r for r in recs if r["window_size_ms"] == 60_000]
+    assert len(tumbling) == 1 and len(hopping) == 1
+    t = tumbling[0]
+    assert (t["bytes_in"], t["bytes_out"]) == (310, 1070)
+    assert (t["flows_as_client"], t["flows_as_server"], t["flows_started"]) == (1, 1, 2)
+    assert t["rtt_as_client"]["samples"] == 2 and t["rtt_as_client"]["mean_us"] == 150
+    assert t["rtt_as_client"]["variance_us2"] == 2500
+    assert t["rtt_as_server"]["p50_us"] == pytest.approx(1000, rel=0.01)
+    assert e.close(base + 10_000 + 5000, cfg) == []  # emitted once
+    later = e.close(base + 20_000 + 5000, cfg)
+    hop = next(r for r in later if r["window_size_ms"] == 60_000)
+    assert hop["bytes_in"] == 410 and hop["window_end_ms"] == base + 20_000
+    assert hop["rtt_as_client"]["samples"] == 3
+    assert not e.apply(act(1, "client", 1500, 500, 70, 50), cfg)  # late: window already emitted
+
+
+def test_rtt_sketch_quantiles_are_mergeable() -> None:
+    rng = random.Random(1)
+    values = [rng.lognormvariate(6, 1) for _ in range(5000)]
+    a, b, whole = RttAgg(), RttAgg(), RttAgg()
+    for i, v in enumerate(values):
+        (a if i % 2 else b).add(v, None)
+        whole.add(v, None)
+    a.merge(b)
+    exact = sorted(values)
+    for q, name in ((0.5, "p50_us"), (0.95, "p95_us"), (0.99, "p99_us")):
+        assert a.stats()[name] == whole.stats()[name]
+        assert a.stats()[name] == pytest.approx(exact[int(q * (len(exact) - 1))], rel=0.02)
+
+
+def test_activity_for_container_and_pod() -> None:
+    state, _ = run(loopback_flow(), [])
+    sock = state.sockets["1"]
+    acts = activity(state, sock, CID_A, "ns/p1")
+    assert [(a.entity_type, a.entity, a.role) for a in acts] == [("CONTAINER", CID_A, "client"),
+                                                                  ("POD", "ns/p1", "client")]
+    cm = fastavro.parse_schema(schemas.load("ContainerMetrics"))
+    e = EntityState(entity="ns/p1", entity_type="POD")
+    for a in acts:
+        e.apply(a, WindowConfig())
+    for rec in e.close(T0 // 1_000_000 + 100_000, WindowConfig()):
+        fastavro.validate(rec, cm, strict=True)
