@@ -1,0 +1,131 @@
+"""``packetless sensor``: run the host sensor's parts and publish what they see to Kafka.
+
+eBPF mode follows every flow in the kernel; Netlink mode (no root, no bcc) takes sock_diag
+snapshots. In both modes the Netlink snapshots (tcp_info, interface counters), the Docker
+metadata watcher and the process lineage feed run beside it, sharing one cgroup resolver and
+one process cache. Metrics are served on ``--web-host:--metrics-port`` (127.0.0.1 by default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+from packetless.config import Settings
+from packetless.kafka import Publisher
+from sensor import containers, ebpf, netlink, processes
+from sensor.cgroups import CgroupResolver
+from sensor.processes import ProcessCache
+
+log = logging.getLogger(__name__)
+
+EVENTS = Counter("packetless_sensor_events", "Records the sensor produced, by record type", ["type"])
+LOST = Counter("packetless_sensor_lost_events", "Kernel events lost before user space read them")
+SPOOL = Gauge("packetless_sensor_spool_bytes", "Bytes spooled while Kafka is unreachable")
+TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
+               "meta.processes": "process"}
+
+Publish = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass
+class Part:
+    """One sensor part running in its own thread; ``essential`` parts stop the sensor on failure."""
+
+    name: str
+    target: Callable[[], None]
+    essential: bool
+    error: BaseException | None = None
+
+
+def choose_mode(requested: str) -> tuple[str, str]:
+    """The mode to run (``ebpf`` or ``netlink``) and why."""
+    if requested == "netlink":
+        return "netlink", "requested"
+    ok, why = ebpf.available()
+    if ok:
+        return "ebpf", why
+    if requested == "ebpf":
+        raise SystemExit(f"packetless sensor: eBPF mode requested but unavailable: {why}")
+    return "netlink", f"eBPF unavailable ({why}); falling back to Netlink snapshots"
+
+
+def make_publish(publisher: Publisher) -> Publish:
+    """``publish`` for the parts: counts by type, follows kernel loss reports, sends."""
+
+    lost_seen = 0
+
+    def publish(suffix: str, key: str, record: dict[str, Any]) -> None:
+        nonlocal lost_seen
+        EVENTS.labels(TOPIC_TYPES.get(suffix, suffix)).inc()
+        if suffix == "raw.ebpf" and record.get("drops"):
+            lost = record["drops"]["ring_buffer"]  # cumulative since the sensor started
+            LOST.inc(max(0, lost - lost_seen))
+            lost_seen = max(lost, lost_seen)
+        publisher.send(suffix, key, record)
+
+    return publish
+
+
+def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
+         snapshot_interval: float = 5.0, metrics_port: int = 9464,
+         web_host: str = "127.0.0.1") -> int:
+    """Run until SIGINT/SIGTERM; returns the exit code."""
+    mode, why = choose_mode(mode)
+    print(f"packetless sensor: mode {mode} ({why})", flush=True)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    (settings.data_dir / "sensor.json").write_text(json.dumps({"mode": mode, "why": why}))
+    if metrics_port:
+        start_http_server(metrics_port, addr=web_host)
+    publisher = Publisher(settings)
+    publish = make_publish(publisher)
+    stop = threading.Event()
+    cgroups = CgroupResolver()
+    cache = ProcessCache(cgroups=cgroups)
+    host = settings.host_name
+    watcher = containers.ContainerWatcher(
+        publish, containers.ContainerOptions(host_name=host, cgroups=cgroups))
+    parts = [
+        Part("containers", lambda: watcher.run(stop), essential=False),
+        Part("processes", lambda: processes.run(
+            publish, stop, processes.ProcessOptions(host_name=host, cache=cache)), essential=False),
+        Part("netlink", lambda: netlink.run(publish, stop, netlink.NetlinkOptions(
+            host_name=host, interval_s=snapshot_interval, processes=cache, cgroups=cgroups,
+            on_container=watcher.resolve)), essential=mode == "netlink"),
+    ]
+    if mode == "ebpf":
+        parts.append(Part("ebpf", lambda: ebpf.run(publish, stop, ebpf.EbpfOptions(
+            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache)), essential=True))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    threads = [threading.Thread(target=_guard, args=(p, stop), name=p.name, daemon=True)
+               for p in parts]
+    for t in threads:
+        t.start()
+    while not stop.wait(1.0):
+        SPOOL.set(getattr(publisher, "spool_bytes", 0))
+    for t in threads:
+        t.join(timeout=15)
+    left = publisher.flush(30)
+    if left:
+        log.error("%d records could not be delivered before exit", left)
+    failed = [p for p in parts if p.essential and p.error is not None]
+    return 1 if failed else 0
+
+
+def _guard(part: Part, stop: threading.Event) -> None:
+    """Run one part; an essential part's failure stops the sensor, others are logged."""
+    try:
+        part.target()
+    except BaseException as exc:  # reported, and for essential parts fatal
+        part.error = exc
+        log.exception("sensor part %s failed", part.name)
+        if part.essential:
+            stop.set()
