@@ -102,7 +102,8 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     ]
     if mode == "ebpf":
         parts.append(Part("ebpf", lambda: ebpf.run(publish, stop, ebpf.EbpfOptions(
-            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache)), essential=True))
+            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache)),
+            essential=True))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     threads = [threading.Thread(target=_guard, args=(p, stop), name=p.name, daemon=True)
