@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from confluent_kafka import KafkaException
 
 from packetless import doctor as doctor_mod
-from packetless.config import DEFAULT_CACHE_DIR, DEFAULT_DATA_DIR, Settings, read_config_file
+from packetless.config import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_DATA_DIR,
+    LIBRDKAFKA_LOG,
+    Settings,
+    read_config_file,
+)
 
 COMMANDS = ("up", "down", "sensor", "streams", "tail", "top", "doctor")
 
@@ -91,6 +98,7 @@ def main(config: Path | None, verbose: int) -> None:
     """Packetless: container-aware network flows from eBPF and Netlink, on Kafka."""
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    LIBRDKAFKA_LOG.setLevel([logging.CRITICAL, logging.WARNING, logging.DEBUG][min(verbose, 2)])
 
 
 @main.command()
@@ -168,6 +176,8 @@ def tail(settings: Settings, topic: str, from_beginning: bool, max_messages: int
         run_tail(settings, topic, from_beginning, max_messages, timeout)
     except (KeyError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except KafkaException as exc:
+        raise click.ClickException(f"Kafka at {settings.bootstrap_servers}: {exc.args[0].str()}") from exc
     except KeyboardInterrupt:
         pass
 

@@ -6,6 +6,7 @@ variables, a TOML config file (``--config`` / ``PACKETLESS_CONFIG``) and the def
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tomllib
@@ -15,6 +16,9 @@ from typing import Any
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "packetless"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "packetless"
+# librdkafka's own log lines (e.g. one per failed connect attempt) go here, not to stderr;
+# the CLI shows them with -v. Failures reach users through exceptions and delivery reports.
+LIBRDKAFKA_LOG = logging.getLogger("packetless.librdkafka")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class Settings:
         conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "security.protocol": self.security_protocol,
+            "logger": LIBRDKAFKA_LOG,
         }
         optional = {
             "sasl.mechanism": self.sasl_mechanism,
