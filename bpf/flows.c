@@ -452,13 +452,23 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u16 protocol,
                                     int rx)
 {
-    if (protocol != PROTO_TCP || (family != AF_INET && family != AF_INET6) || ret < 0)
+    if ((protocol != PROTO_TCP && protocol != PROTO_UDP) ||
+        (family != AF_INET && family != AF_INET6) || ret < 0)
         return;
     u64 skaddr = (u64)sk;
     u64 *cp = sk_cookie.lookup(&skaddr);
     if (!cp)
         return;
     u64 cookie = *cp;
+    struct owner_t o = {};
+    if (protocol == PROTO_UDP) {
+        // a UDP socket created before the sensor started: its first user owns it
+        if (!owners.lookup(&cookie)) {
+            fill_owner(&o, SRC_FIRST_IO);
+            put_owner(cookie, &o);
+        }
+        return;
+    }
     struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
     if (!f)
         return;
@@ -471,7 +481,6 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
     if (f->flags & F_STARTED)
         return;
     f->flags |= F_STARTED;
-    struct owner_t o = {};
     fill_owner(&o, SRC_FIRST_IO);
     if (put_owner(cookie, &o))
         return;
@@ -559,8 +568,13 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
     if (p.proto != PROTO_UDP)
         return 1;
     struct owner_t *o = owners.lookup(&cookie);
-    if (!o)
-        return 1;  // not a socket created by a process we saw (kernel or pre-existing)
+    if (!o) {
+        // created before the sensor started (or by the kernel): let the tracepoints of its
+        // first send or receive name its owner
+        struct bpf_sock *sk = skb->sk;
+        if (sk)
+            put_sk((u64)sk, cookie);
+    }
     struct udp_key_t k = {};
     k.cookie = cookie;
     k.family = p.family;
@@ -586,7 +600,8 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
                 ev->lport = n.lport;
                 ev->rport = k.rport;
                 ev->role = n.role;
-                __builtin_memcpy(&ev->owner, o, sizeof(*o));
+                if (o)
+                    __builtin_memcpy(&ev->owner, o, sizeof(*o));
                 events.ringbuf_submit(ev, 0);
             }
         }

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PCounter
 
@@ -136,6 +136,8 @@ class Worker:
             web_enabled=True, web_port=web_port, web_bind=web_host, web_host=web_host,
             web_in_thread=False, broker_commit_interval=1.0, stream_recovery_delay=0.0,
             table_standby_replicas=0, producer_acks=-1,
+            # a killed worker's partitions move after 10 s instead of Faust's 60
+            broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
         )
         app = self.app
         raw = lambda *suffixes: app.topic(*(topic_name(settings, s) for s in suffixes),  # noqa: E731
@@ -147,9 +149,9 @@ class Worker:
                                        key_serializer="raw", value_serializer="json")
         self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
                                         key_serializer="raw", value_serializer="json")
-        schema = faust.Schema(key_serializer="raw", value_serializer="json")
-        self.flows = app.Table("flows", default=None, partitions=n, schema=schema)
-        self.entities = app.Table("entities", default=None, partitions=n, schema=schema)
+        # keys are bytes (raw), values JSON-able dicts of the dataclasses' state
+        self.flows = app.Table("flows", default=None, partitions=n, key_type=bytes)
+        self.entities = app.Table("entities", default=None, partitions=n, key_type=bytes)
         app.agent(self.raw_topic, name="raw")(self.raw_agent)
         app.agent(self.sockets_topic, name="flows")(self.flows_agent)
         app.agent(self.activity_topic, name="windows")(self.windows_agent)
@@ -300,22 +302,20 @@ class Worker:
         until the metadata present at start has been read."""
         names = {s: topic_name(self.settings, s) for s in ("meta.containers", "meta.processes",
                                                            "metrics.containers")}
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+        consumer = AIOKafkaConsumer(*names.values(), bootstrap_servers=self.settings.bootstrap_servers,
                                     enable_auto_commit=False, group_id=None,
+                                    auto_offset_reset="earliest",
                                     **_aiokafka_security(self.settings))
         await consumer.start()
         try:
-            await consumer.topics()
-            tps = [TopicPartition(t, p) for t in names.values()
-                   for p in sorted(consumer.partitions_for_topic(t) or ())]
-            consumer.assign(tps)
+            while {tp.topic for tp in consumer.assignment()} != set(names.values()):
+                await asyncio.sleep(0.1)  # without a group, all partitions once metadata is in
+            tps = sorted(consumer.assignment())
             ends = await consumer.end_offsets(tps)
             begins = await consumer.beginning_offsets(tps)
             for tp in tps:
-                start = begins[tp]
                 if tp.topic == names["metrics.containers"]:
-                    start = max(start, ends[tp] - METRICS_BACKLOG)
-                consumer.seek(tp, start)
+                    consumer.seek(tp, max(begins[tp], ends[tp] - METRICS_BACKLOG))
             pending = {tp for tp in tps if tp.topic != names["metrics.containers"]
                        and ends[tp] > begins[tp]}
             if not pending:
@@ -485,6 +485,7 @@ def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
          workers_group: str = "packetless-streams", **tuning: Any) -> int:
     """Run one worker until SIGINT/SIGTERM; returns the exit code."""
     options = StreamOptions.from_env(**tuning)
+    logging.getLogger("communityid").setLevel(logging.WARNING)  # it logs every computation
     ensure_topics(settings)
     ensure_schemas(Codec(settings))
     worker = Worker(settings, workers_group, web_host, web_port, options)

@@ -313,7 +313,7 @@ def test_tcp_refused(sensor: Collector) -> None:
 
 
 def test_tcp_reset(sensor: Collector) -> None:
-    server, client, port, lport = tcp_exchange(sensor, socket.AF_INET, "127.0.0.1", 10**6,
+    server, _client, port, lport = tcp_exchange(sensor, socket.AF_INET, "127.0.0.1", 10**6,
                                                10, mode="reset")
     c_end = flow(sensor.wait(by_ports(lport, port), count=2), "END")
     s_end = flow(sensor.wait(by_ports(port, lport), count=2), "END")
@@ -325,7 +325,7 @@ def test_tcp_reset(sensor: Collector) -> None:
 
 def test_tcp_updates_for_long_flows(sensor: Collector) -> None:
     n = 50_000
-    server, client, port, lport = tcp_exchange(sensor, socket.AF_INET, "127.0.0.1", n, 5,
+    _server, client, port, lport = tcp_exchange(sensor, socket.AF_INET, "127.0.0.1", n, 5,
                                                pause=0.3)
     recs = sensor.wait(by_ports(lport, port), count=3)
     updates = [r for r in recs if r["type"] == "UPDATE"]
@@ -447,20 +447,21 @@ def test_cgroup_and_network_namespace(sensor: Collector, sandbox: Sandbox) -> No
 
 def test_retransmissions_counted(sensor: Collector, sandbox: Sandbox) -> None:
     require(shutil.which("nft") is not None, "nft (apt-get install nftables)")
-    # netem is not built into this kernel: nftables drops 30% of the data segments leaving the
-    # namespace (not the handshake nor pure ACKs)
+    # netem is not built into this kernel: nftables in the namespace drops 30% of the arriving
+    # data segments (not the handshake nor pure ACKs), so the host's server retransmits
     sandbox.ns("nft", "add table inet pltest")
-    sandbox.ns("nft", "add chain inet pltest out { type filter hook output priority 0 ; }")
-    sandbox.ns("nft", "add rule inet pltest out meta length > 200 numgen random mod 100 < 30 drop")
-    n = 400_000
-    server, client, port, lport = tcp_exchange(
-        sensor, socket.AF_INET, sandbox.host_ip, n, 1000, client_prefix=sandbox.prefix())
-    recs = sensor.wait(by_ports(lport, port), count=2, timeout=30)
+    sandbox.ns("nft", "add chain inet pltest in { type filter hook input priority 0 ; }")
+    sandbox.ns("nft", "add rule inet pltest in meta length > 200 numgen random mod 100 < 30 drop")
+    m = 400_000
+    server, _client, port, lport = tcp_exchange(
+        sensor, socket.AF_INET, sandbox.host_ip, 1000, m, client_prefix=sandbox.prefix())
+    recs = sensor.wait(by_ports(port, lport), count=2, timeout=30)
     end = flow(recs, "END")
     assert end["retransmits"] > 0
-    assert end["bytes_sent"] == n and end["bytes_received"] == 1000
-    s_end = flow(sensor.wait(by_ports(port, lport), count=2), "END")
-    assert s_end["bytes_received"] == n
+    assert end["bytes_sent"] == m and end["bytes_received"] == 1000
+    assert end["process"]["pid"] == server.pid
+    c_end = flow(sensor.wait(by_ports(lport, port), count=2), "END")
+    assert c_end["bytes_received"] == m and c_end["retransmits"] == 0
     retransmit_events = [r for r in recs if r["type"] == "RETRANSMIT"]
     assert all(0 < r["retransmits"] <= end["retransmits"] for r in retransmit_events)
 

@@ -1,0 +1,436 @@
+"""The stream worker end to end on the real broker and registry: recorded raw events in, enriched
+flows (Avro, ECS, OCSF), per-container/pod windows and DLQ records out; web views; and a
+worker killed with SIGKILL that restarts from its changelogs and emits the END it owed."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packetless.config import Settings
+from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
+from packetless.serde import Codec
+from packetless.topics import TOPICS, topic_name
+
+pytestmark = pytest.mark.kafka
+
+FIXTURE = Path(__file__).parent / "fixtures" / "streams_scenario.json"
+STEP_MS, HOP_MS = 2000, 6000
+TUNING = {"PACKETLESS_WINDOW_STEP": "2", "PACKETLESS_WINDOW_HOP": "6",
+          "PACKETLESS_WINDOW_GRACE": "2", "PACKETLESS_ACTIVE_TIMEOUT": "2",
+          "PACKETLESS_JOIN_DELAY": "1", "PACKETLESS_END_GRACE": "1",
+          "PACKETLESS_IDLE_TIMEOUT": "120", "PACKETLESS_FLOW_LINGER": "60",
+          "PACKETLESS_TICK_INTERVAL": "0.5", "PACKETLESS_STREAMS_PARTITIONS": "2"}
+A, B, C = "a1" * 32, "b2" * 32, "c3" * 32
+# Community ID v1 of tcp 172.18.0.2:45678 -> 172.18.0.3:8080 (corelight's reference code)
+F1_COMMUNITY_ID = "1:qd11k4++uSc2rIjpGM38GkElxTI="
+_COUNTER = iter(range(1000))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def private(settings: Settings, tmp_path: Path) -> Settings:
+    """The session's broker with this test's own topic prefix and data dir."""
+    prefix = f"st{os.getpid()}x{next(_COUNTER)}."
+    return Settings(**{**settings.__dict__, "topic_prefix": prefix, "data_dir": tmp_path / "data"})
+
+
+class StreamWorker:
+    """``python -m packetless streams`` in a subprocess (its own process group)."""
+
+    def __init__(self, settings: Settings, group: str, log: Path) -> None:
+        self.settings, self.group, self.log = settings, group, log
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **TUNING,
+               "PACKETLESS_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
+               "PACKETLESS_REGISTRY_URL": self.settings.registry_url,
+               "PACKETLESS_TOPIC_PREFIX": self.settings.topic_prefix,
+               "PACKETLESS_DATA_DIR": str(self.settings.data_dir),
+               "PACKETLESS_HOST_NAME": "stream-worker"}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "packetless", "-v", "streams", "--web-port", str(self.port),
+                 "--workers-group", self.group], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                cwd=Path(__file__).resolve().parents[1])
+        self.wait_healthy()
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+            body = resp.read()
+        return body if path == "/metrics" else json.loads(body)
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if self.get("/healthz")["status"] == "ok":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"worker not healthy after {timeout}s:\n{self.tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+class Reader:
+    """Everything on one output topic since the beginning, decoded, read incrementally."""
+
+    def __init__(self, settings: Settings, suffix: str) -> None:
+        self.suffix = suffix
+        self.codec = Codec(settings)
+        self.consumer = consumer(settings, None)
+        self.consumer.subscribe([topic_name(settings, suffix)])
+        self.records: list[Any] = []
+        self.raw: list[Any] = []
+
+    def poll(self, seconds: float = 0.5) -> list[Any]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = self.consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            self.raw.append(msg)
+            if TOPICS[self.suffix].schema:
+                self.records.append(self.codec.decode(self.suffix, msg.value()))
+            else:
+                self.records.append(json.loads(msg.value()))
+        return self.records
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def wait_for(readers: dict[str, Reader], done: Callable[[], bool], timeout: float,
+             worker: StreamWorker) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for r in readers.values():
+            r.poll(0.2)
+        if done():
+            return
+        assert worker.alive(), worker.tail()
+    pytest.fail(f"timed out; worker log:\n{worker.tail()}")
+
+
+def shift(value: Any, delta_ms: int) -> Any:
+    """A copy of a fixture record with its event times moved by ``delta_ms``."""
+    value = copy.deepcopy(value)
+    for key in ("timestamp_ms", "started_at_ms"):
+        if value.get(key) is not None:
+            value[key] += delta_ms
+    for key in ("timestamp_ns", "start_ns"):
+        if value.get(key) is not None:
+            value[key] += delta_ms * 1_000_000
+    return value
+
+
+def produce(settings: Settings, records: list[dict[str, Any]], delta_ms: int) -> None:
+    pub = Publisher(settings)
+    for rec in records:
+        pub.send(rec["topic"], rec["key"], shift(rec["value"], delta_ms))
+    assert pub.flush(30) == 0 and pub.failed == 0
+
+
+def flow_of(flows: list[dict[str, Any]], client_port: int) -> list[dict[str, Any]]:
+    return [f for f in flows if f["client"]["port"] == client_port]
+
+
+@pytest.fixture
+def stack_settings(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    s = private(settings, tmp_path)
+    ensure_topics(s)
+    ensure_schemas(Codec(s))
+    yield s
+
+
+def test_recorded_events_give_enriched_flows_windows_and_dlq(stack_settings: Settings,
+                                                             tmp_path: Path) -> None:
+    s = stack_settings
+    fixture = json.loads(FIXTURE.read_text())
+    now = int(time.time() * 1000)
+    base = (now // STEP_MS + 2) * STEP_MS  # all raw events fall in one 2 s step, 2-4 s ahead
+    delta = base - fixture["origin_ms"]
+    produce(s, fixture["meta"], delta)
+    worker = StreamWorker(s, f"g{s.topic_prefix[:-1]}", tmp_path / "worker.log")
+    readers = {x: Reader(s, x) for x in ("flows", "flows.ecs", "flows.ocsf", "metrics.containers",
+                                         "dlq")}
+    try:
+        worker.start()
+        pub = Publisher(s)
+        pub.produce_raw(topic_name(s, "raw.ebpf"), b"node-1:999", b"definitely not avro")
+        pub.produce_raw(topic_name(s, "raw.netlink"), b"node-1:998", b"\x00\x7f\xff\xff\xf0\x02\x04")
+        assert pub.flush(30) == 0
+        produce(s, fixture["raw"], delta)
+        flows = readers["flows"].records
+        wait_for(readers, lambda: all(any(f["type"] == "END" for f in flow_of(flows, p))
+                                      for p in (45678, 51000, 45700, 40100)), 90, worker)
+        produce(s, fixture["late_meta"] + fixture["late_raw"], delta)
+
+        def complete() -> bool:
+            f4 = flow_of(flows, 40100)
+            metrics = readers["metrics.containers"].records
+            hopping_a = [m for m in metrics if m["entity_id"] == A and m["window_size_ms"] == HOP_MS]
+            return (bool(f4) and f4[-1]["client"]["container"]["name"] == "worker"
+                    and len(hopping_a) >= 3 and len(readers["dlq"].records) >= 2
+                    and all(any(f["type"] == "END" for f in flow_of(flows, p))
+                            for p in (45678, 51000, 45700)))
+
+        wait_for(readers, complete, 90, worker)
+        time.sleep(2 * STEP_MS / 1000)  # anything emitted late would show now
+        for r in readers.values():
+            r.poll(1)
+        check_flows(flows)
+        check_ecs(readers["flows.ecs"].records, flows)
+        check_ocsf(readers["flows.ocsf"].records)
+        check_windows(readers["metrics.containers"].records, base)
+        check_dlq(s, readers["dlq"].records)
+        check_web(worker)
+        assert worker.alive()
+    finally:
+        code = worker.stop()
+        for r in readers.values():
+            r.close()
+    assert code == 0, worker.tail()
+
+
+def check_flows(flows: list[dict[str, Any]]) -> None:
+    assert {f["client"]["port"] for f in flows} == {45678, 51000, 45700, 40100}
+    assert len({f["flow_id"] for f in flows}) == 4
+    for port in (45678, 51000, 40100):
+        events = flow_of(flows, port)
+        assert [e["type"] for e in events][:1] == ["START"], events
+        assert [e["type"] for e in events].count("START") == 1
+        assert [e["sequence"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in flow_of(flows, 45678)] == ["START", "END"]  # late snapshot: no-op
+    f1 = flow_of(flows, 45678)[-1]
+    assert f1["type"] == "END" and f1["end_reason"] == "closed"
+    assert (f1["client"]["ip"], f1["server"]["ip"], f1["server"]["port"]) == ("172.18.0.2", "172.18.0.3", 8080)
+    assert f1["client"]["local"] and f1["server"]["local"]
+    assert (f1["client"]["socket_cookie"], f1["server"]["socket_cookie"]) == (11, 12)
+    assert (f1["client_bytes"], f1["server_bytes"], f1["retransmits"]) == (420, 12000, 1)
+    assert (f1["client"]["bytes_received"], f1["server"]["bytes_received"]) == (12000, 420)
+    assert f1["client"]["process"]["comm"] == "curl"
+    assert f1["server"]["process"]["exe"] == "/usr/sbin/nginx"  # completed from meta.processes
+    assert f1["server"]["process"]["user_name"] == "nginx"
+    assert f1["client"]["container"]["name"] == "frontend"
+    assert f1["client"]["container"]["pod_name"] == "frontend-7d9f"
+    assert f1["server"]["container"]["name"] == "api"
+    assert f1["server"]["container"]["image"] == "shop/api:2.1"
+    assert f1["community_id"] == F1_COMMUNITY_ID
+    assert (f1["client"]["srtt_us"], f1["server"]["srtt_us"], f1["rtt_us"]) == (90, 70, 90)
+    assert f1["end_ns"] - f1["start_ns"] == 901_000_000
+    f2 = flow_of(flows, 51000)[-1]
+    assert f2["type"] == "END" and f2["server"]["port"] == 6379
+    assert (f2["client"]["process"]["comm"], f2["server"]["process"]["comm"]) == ("redis-cli",
+                                                                                  "redis-server")
+    assert (f2["client_bytes"], f2["server_bytes"]) == (28, 14)
+    assert f2["client"]["container"] is None and f2["client"]["local"] and f2["server"]["local"]
+    f3 = flow_of(flows, 45700)
+    assert [(e["type"], e["end_reason"], e["error"]) for e in f3] == [("END", "failed",
+                                                                      "ECONNREFUSED")]
+    assert not f3[0]["server"]["local"] and f3[0]["server"]["port"] == 9999
+    f4 = flow_of(flows, 40100)
+    assert f4[0]["client"]["container"]["name"] is None  # its metadata came later
+    assert f4[-1]["client"]["container"]["name"] == "worker" and f4[-1]["type"] == "END"
+    assert (f4[-1]["client_bytes"], f4[-1]["server_bytes"]) == (700, 9000)
+    assert not f4[-1]["server"]["local"] and f4[-1]["server"]["process"] is None
+
+
+ECS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "@timestamp": str, "event.kind": str, "event.category": list, "event.type": list,
+    "event.action": str, "event.start": str, "event.end": str, "event.duration": int,
+    "network.transport": str, "network.type": str, "network.iana_number": str,
+    "network.direction": str, "network.community_id": str, "network.bytes": int,
+    "network.packets": int, "source.ip": str, "source.port": int, "source.bytes": int,
+    "source.packets": int, "destination.ip": str, "destination.port": int,
+    "destination.bytes": int, "destination.packets": int, "process.pid": int, "process.name": str,
+    "process.executable": str, "process.args": list, "process.command_line": str,
+    "process.parent.pid": int, "process.parent.name": str, "process.user.id": str,
+    "process.user.name": str, "user.id": str, "user.name": str, "group.id": str,
+    "container.id": str, "container.name": str, "container.image.name": str,
+    "container.runtime": str, "container.labels": dict, "orchestrator.type": str,
+    "orchestrator.namespace": str, "orchestrator.resource.type": str,
+    "orchestrator.resource.name": str, "host.name": str, "packetless.flow_id": str,
+    "packetless.socket_cookie": int, "packetless.tcp.rtt_us": int, "packetless.tcp.rtt_var_us": int,
+    "packetless.tcp.retransmits": int, "packetless.tcp.state": str,
+    "packetless.peer.process.pid": int, "packetless.peer.container.name": str,
+}
+
+
+def field(doc: dict[str, Any], path: str) -> Any:
+    if path in doc:
+        return doc[path]
+    value: Any = doc
+    for part in path.split("."):
+        value = value[part]
+    return value
+
+
+def check_ecs(docs: list[dict[str, Any]], flows: list[dict[str, Any]]) -> None:
+    per_socket = sum(f["client"]["local"] + f["server"]["local"] for f in flows)
+    assert len(docs) == per_socket
+    f1_end = [d for d in docs if d["source"]["port"] == 45678 and d["event"]["action"] == "flow_end"]
+    client, server = sorted(f1_end[-2:], key=lambda d: d["network"]["direction"])
+    assert (client["network"]["direction"], server["network"]["direction"]) == ("egress", "ingress")
+    for doc in (client, server):
+        for path, typ in ECS_TYPES.items():
+            assert isinstance(field(doc, path), typ), (path, doc)
+        assert doc["event"]["kind"] == "event" and doc["event"]["category"] == ["network"]
+        assert doc["source"]["ip"] == "172.18.0.2" and doc["destination"]["port"] == 8080
+        assert doc["network"]["community_id"] == F1_COMMUNITY_ID
+        assert doc["orchestrator"]["type"] == "kubernetes"
+        assert doc["orchestrator"]["resource"]["type"] == "pod"
+    assert client["process"]["name"] == "curl" and server["process"]["name"] == "nginx"
+    assert client["packetless"]["peer"]["process"]["name"] == "nginx"
+    assert server["packetless"]["peer"]["container"]["name"] == "frontend"
+    assert client["process"]["command_line"].endswith("token=<redacted>")
+    assert client["network"]["bytes"] == 12420 and client["source"]["bytes"] == 420
+    assert client["event"]["duration"] == 901_000_000
+    failed = [d for d in docs if d["source"]["port"] == 45700]
+    assert [d["event"]["action"] for d in failed] == ["connection_failed"]
+    starts = [d for d in docs if d["event"]["action"] == "flow_start"]
+    assert all("end" not in d["event"] for d in starts)
+
+
+def check_ocsf(events: list[dict[str, Any]]) -> None:
+    assert events and all(e["class_uid"] == 4001 and e["category_uid"] == 4 for e in events)
+    assert all(e["type_uid"] == 400100 + e["activity_id"] for e in events)
+    refused = [e for e in events if e["src_endpoint"]["port"] == 45700]
+    assert [(e["activity_id"], e["status_id"]) for e in refused] == [(5, 2)]
+    f1_close = [e for e in events if e["src_endpoint"]["port"] == 45678 and e["activity_id"] == 2]
+    assert {e["connection_info"]["direction"] for e in f1_close} == {"Outbound", "Inbound"}
+    assert all(e["traffic"]["bytes_out"] == 420 and e["traffic"]["bytes_in"] == 12000
+               for e in f1_close)
+
+
+def check_windows(metrics: list[dict[str, Any]], base: int) -> None:
+    def of(entity: str, size: int) -> list[dict[str, Any]]:
+        return [m for m in metrics if m["entity_id"] == entity and m["window_size_ms"] == size]
+
+    (a,) = of(A, STEP_MS)
+    assert (a["window_start_ms"], a["window_end_ms"]) == (base, base + STEP_MS)
+    assert (a["entity_type"], a["name"], a["pod_name"], a["namespace"]) == ("CONTAINER", "frontend",
+                                                                            "frontend-7d9f", "shop")
+    assert (a["flows_as_client"], a["flows_as_server"], a["failed_connects"]) == (2, 0, 1), a
+    assert (a["bytes_out"], a["bytes_in"], a["retransmits"]) == (420, 12000, 1), a
+    rtt = a["rtt_as_client"]
+    assert rtt["samples"] == 3 and rtt["mean_us"] == pytest.approx(90), rtt  # 100, 80, 90
+    assert rtt["variance_us2"] == pytest.approx(200 / 3)
+    assert rtt["p50_us"] == pytest.approx(90, rel=0.01)
+    assert rtt["p99_us"] == pytest.approx(90, rel=0.01), rtt  # DDSketch: rank 1.98 of 0..2
+    assert rtt["max_us"] == 100
+    assert a["rtt_as_server"]["samples"] == 0
+    (b,) = of(B, STEP_MS)
+    assert (b["flows_as_client"], b["flows_as_server"], b["bytes_out"], b["bytes_in"]) == (0, 1, 12000,
+                                                                                          420)
+    assert b["rtt_as_server"]["mean_us"] == pytest.approx(60)  # 50, 60, 70
+    (c,) = of(C, STEP_MS)
+    assert (c["bytes_out"], c["bytes_in"], c["retransmits"]) == (700, 9000, 2)
+    assert c["rtt_as_client"]["mean_us"] == pytest.approx(20000)
+    hopping = of(A, HOP_MS)
+    assert [m["window_end_ms"] for m in hopping] == [base + STEP_MS * k for k in (1, 2, 3)]
+    assert all(m["bytes_out"] == 420 and m["flows_as_client"] == 2 for m in hopping)
+    (pod,) = of("shop/frontend-7d9f", STEP_MS)
+    assert (pod["entity_type"], pod["bytes_out"], pod["containers"]) == ("POD", 420, 1)
+    assert {m["entity_id"] for m in metrics} == {A, B, C, "shop/frontend-7d9f", "shop/api-5c4b"}
+
+
+def check_dlq(s: Settings, dead: list[dict[str, Any]]) -> None:
+    by_topic = {d["source_topic"]: d for d in dead}
+    assert set(by_topic) == {topic_name(s, "raw.ebpf"), topic_name(s, "raw.netlink")}
+    assert by_topic[topic_name(s, "raw.ebpf")]["value"] == b"definitely not avro"
+    assert by_topic[topic_name(s, "raw.ebpf")]["error_type"] == "bad_magic"
+    assert by_topic[topic_name(s, "raw.netlink")]["error_type"] == "unknown_schema"
+    assert all(d["consumer"] == "streams" and d["source_offset"] == 0 for d in dead)
+
+
+def check_web(worker: StreamWorker) -> None:
+    containers = {c["id"]: c for c in worker.get("/containers")["containers"]}
+    assert containers[A]["name"] == "frontend"
+    assert containers[A]["window"]["window_size_ms"] == HOP_MS
+    assert containers[A]["tumbling"]["bytes_out"] == 420
+    pods = {p["id"] for p in worker.get("/pods")["pods"]}
+    assert pods == {"shop/frontend-7d9f", "shop/api-5c4b"}
+    flows = worker.get(f"/flows?container={A[:12]}")["flows"]
+    assert {f["client"]["port"] for f in flows} == {45678, 45700}
+    metrics = worker.get("/metrics").decode()
+    assert 'packetless_streams_records_total{topic="raw.ebpf"}' in metrics
+    assert "packetless_streams_dead_letters_total" in metrics
+    assert "packetless_streams_consumer_lag" in metrics
+
+
+def test_sigkill_restart_emits_owed_end(stack_settings: Settings, tmp_path: Path) -> None:
+    """START seen, worker killed, END events produced meanwhile: a worker of the same group
+    on an empty data dir (its RocksDB lost too) restores the flow from the changelog and emits
+    its END, with what was known before the kill (processes from the START events)."""
+    s = stack_settings
+    fixture = json.loads(FIXTURE.read_text())
+    raw = fixture["raw"]
+    starts = [r for r in raw if r["value"].get("cookie") in (11, 12) and r["value"].get("type") == "START"]
+    ends = [r for r in raw if r["value"].get("cookie") in (11, 12) and r["value"].get("type") == "END"]
+    delta = int(time.time() * 1000) - fixture["origin_ms"]
+    produce(s, fixture["meta"], delta)
+    group = f"g{s.topic_prefix[:-1]}"
+    worker = StreamWorker(s, group, tmp_path / "worker.log")
+    readers = {"flows": Reader(s, "flows")}
+    try:
+        worker.start()
+        produce(s, starts, delta)
+        wait_for(readers, lambda: any(f["type"] == "START" for f in readers["flows"].records), 60,
+                 worker)
+        time.sleep(3)  # let the changelog and the offsets be committed
+        worker.stop(signal.SIGKILL)
+        produce(s, ends, delta)
+        fresh = Settings(**{**s.__dict__, "data_dir": tmp_path / "fresh"})
+        worker = StreamWorker(fresh, group, tmp_path / "worker2.log")
+        worker.start()
+        wait_for(readers, lambda: any(f["type"] == "END" for f in readers["flows"].records), 90,
+                 worker)
+        flows = readers["flows"].records
+        end = next(f for f in flows if f["type"] == "END")
+        assert end["flow_id"] == flows[0]["flow_id"] and end["sequence"] == 1, [
+            (f["type"], f["sequence"], f["client_bytes"]) for f in flows]
+        assert (end["client_bytes"], end["server_bytes"]) == (420, 12000)
+        assert end["client"]["process"]["comm"] == "curl"
+        assert [f["type"] for f in flows].count("START") == 1, flows
+    finally:
+        worker.stop()
+        readers["flows"].close()
