@@ -7,6 +7,11 @@
 // process that sends or receives on them (sock:sock_{send,recv}_length run in that process),
 // joined from the tracepoint's sk pointer to the cookie through sk_cookie, which holds the
 // socket's address as an opaque key (stored where a program has both; never dereferenced).
+//
+// TCP byte counts are the kernel's own (sock_ops bytes_acked / bytes_received) minus what is
+// sequence space but not payload: the SYN (a baseline taken at ESTABLISHED) and a FIN (ours
+// once acknowledged; the peer's, seen by the ingress cgroup_skb program). UDP bytes are
+// datagram payloads counted by cgroup_skb per (socket, remote address and port).
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -130,6 +135,10 @@ struct event_t {
     struct owner_t owner;
 };
 
+// Plain hash maps rather than LRU ones: a full map is counted in `drops` instead of silently
+// evicting a live flow. Every entry has an end: TCP flows at CLOSE, owners and sk_cookie at
+// INET_SOCK_RELEASE (or CLOSE, whichever comes last), UDP flows by user space (idle, release).
+// Events to user space are per flow (start/end), never per packet.
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(owners, u64, struct owner_t, OWNER_ENTRIES);
 BPF_HASH(sk_cookie, u64, u64, OWNER_ENTRIES);
@@ -572,8 +581,9 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
         // created before the sensor started (or by the kernel): let the tracepoints of its
         // first send or receive name its owner
         struct bpf_sock *sk = skb->sk;
-        if (sk)
-            put_sk((u64)sk, cookie);
+        u64 skaddr = (u64)sk;
+        if (sk && !sk_cookie.lookup(&skaddr))
+            put_sk(skaddr, cookie);
     }
     struct udp_key_t k = {};
     k.cookie = cookie;

@@ -52,6 +52,10 @@ class BrokerConfig:
     # Extra server.properties entries, applied last (e.g. an SSL/SASL listener: override
     # listeners, advertised.listeners, listener.security.protocol.map and add ssl.*/sasl.*).
     extra_properties: dict[str, str] = field(default_factory=dict)
+    # SASL/SCRAM-SHA-512 users (name -> password) created when the storage is formatted, so that
+    # a SASL listener in extra_properties accepts them from the first start (KRaft keeps SCRAM
+    # credentials in its metadata log; later changes go through the admin API).
+    scram_users: dict[str, str] = field(default_factory=dict)
 
     @property
     def kafka_dir(self) -> Path:
@@ -285,6 +289,8 @@ def prepare(cfg: BrokerConfig, classpath: Path) -> None:
         "--config",
         str(cfg.properties_file),
         "--standalone",
+        *(arg for name, password in cfg.scram_users.items()
+          for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]")),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:

@@ -48,6 +48,8 @@ ERRORS = {"REFUSED": "ECONNREFUSED", "TIMEOUT": "ETIMEDOUT", "UNREACHABLE": "EHO
           "RESET_RECEIVED": "ECONNRESET", "RESET_SENT": "ECONNRESET",
           "ABORTED": "ECONNABORTED"}
 TRACEFS = Path("/sys/kernel/tracing")
+OWNER_TTL_NS = 2_000_000_000
+OWNER_CACHE = 4096
 UdpKey = tuple[int, bytes, int, int]  # cookie, remote address (16 bytes), remote port, family
 
 
@@ -129,8 +131,8 @@ def available() -> tuple[bool, str]:
     if not (build / "include").is_dir():
         return False, f"no kernel headers at {build}: apt-get install linux-headers-amd64 and " \
                       f"link {build} to /usr/src/linux-headers-<version>-amd64"
-    if cgroup2_root() == Path("/sys/fs/cgroup") and not Path("/sys/fs/cgroup/cgroup.procs").exists():
-        return False, "no cgroup2 hierarchy is mounted"
+    if not (cgroup2_root() / "cgroup.procs").exists():
+        return False, "no cgroup2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
     if not (TRACEFS / "events" / "sock" / "sock_send_length").exists():
         return False, f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS}) " \
                       "or the sock tracepoints are missing"
@@ -195,6 +197,7 @@ class EbpfSensor:
         self._udp: dict[UdpKey, Live] = {}
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}
         self._ended: OrderedDict[int, None] = OrderedDict()  # TCP cookies ended lately
+        self._owners: OrderedDict[tuple[Any, ...], tuple[int, dict[str, Any]]] = OrderedDict()
         self._drops: tuple[int, ...] = (0,) * len(DROP_FIELDS)
         self._pending: list[Event] = []
         self._attached: list[tuple[Any, int]] = []
@@ -250,14 +253,14 @@ class EbpfSensor:
         o = self.options
         scan_every = max(0.2, min(5.0, o.update_interval_s / 2, o.udp_idle_timeout_s / 2))
         next_scan = time.monotonic() + scan_every
-        self._report_drops(time.time_ns(), final=True)  # marks the (re)start: counters from 0
+        self._report_drops(time.time_ns(), always=True)  # marks the (re)start: counters from 0
         while not stop.is_set():
             self.poll(o.poll_ms)
             if time.monotonic() >= next_scan:
                 self.scan()
                 next_scan = time.monotonic() + scan_every
         self.poll(0)
-        self.scan(final=True)
+        self.scan(always_drops=True)
 
     # ---- events ----------------------------------------------------------------------------
 
@@ -341,6 +344,8 @@ class EbpfSensor:
         table = self.bpf[b"udp_flows"]
         for key in self._udp_by_cookie.pop(ev.cookie, set()):
             live = self._udp.pop(key)
+            if live.owner is None and ev.owner.pid:
+                live.owner = self._owner(ev.owner)
             ckey = self._udp_key(table, key)
             try:
                 value = table[ckey]
@@ -361,18 +366,17 @@ class EbpfSensor:
 
     # ---- periodic scan: UPDATE, RETRANSMIT, UDP idle, lost events, drops -------------------
 
-    def scan(self, final: bool = False) -> None:
+    def scan(self, always_drops: bool = False) -> None:
         """Read the kernel's flow maps: publish UPDATEs, RETRANSMITs, idle UDP ENDs, DROPS."""
         self._sync_clock()
         now = time.time_ns()
         interval = int(self.options.update_interval_s * 1e9)
         self._scan_tcp(now, interval)
         self._scan_udp(now, interval)
-        self._report_drops(now, final)
+        self._report_drops(now, always_drops)
 
     def _scan_tcp(self, now: int, interval: int) -> None:
         seen: set[int] = set()
-        owners = self.bpf[b"owners"]
         for key, f in _items(self.bpf[b"tcp_flows"]):
             cookie = getattr(key, "value", key)  # batch lookups give ints, items() c_uint64
             seen.add(cookie)
@@ -380,7 +384,7 @@ class EbpfSensor:
             if live is None:
                 if not f.flags & F_STARTED or cookie in self._ended:
                     continue
-                live = self._adopt_tcp(cookie, f, owners)  # its START event was lost
+                live = self._adopt_tcp(cookie, f)  # its START event was lost
             live.missing = False
             counters = _flow_counters(f)
             if f.retrans > live.retrans:
@@ -398,13 +402,17 @@ class EbpfSensor:
             else:
                 live.missing = True
 
-    def _adopt_tcp(self, cookie: int, f: Any, owners: Any) -> Live:
+    def _owner_of(self, cookie: int) -> dict[str, Any] | None:
+        """The owner the kernel recorded for a socket, for flows whose event did not carry it."""
         try:
-            owner = self._owner(owners[ct.c_uint64(cookie)])
+            return self._owner(self.bpf[b"owners"][ct.c_uint64(cookie)])
         except KeyError:
-            owner = None
+            return None
+
+    def _adopt_tcp(self, cookie: int, f: Any) -> Live:
         live = Live("tcp", self._ns(f.start_ns), ROLES[f.role],
-                    endpoints(f.family, f.laddr, f.lport, f.raddr, f.rport), owner)
+                    endpoints(f.family, f.laddr, f.lport, f.raddr, f.rport),
+                    self._owner_of(cookie))
         self._tcp[cookie] = live
         self._emit("START", cookie, live, live.start_ns, counters=(0, 0, 0, 0),
                    state="ESTABLISHED")
@@ -413,21 +421,19 @@ class EbpfSensor:
     def _scan_udp(self, now: int, interval: int) -> None:
         table = self.bpf[b"udp_flows"]
         idle = int(self.options.udp_idle_timeout_s * 1e9)
-        owners = self.bpf[b"owners"]
         for ckey, value in _items(table):
             key = (ckey.cookie, bytes(ckey.raddr), ckey.rport, ckey.family)
             live = self._udp.get(key)
             if live is None:  # its START event was lost
                 fam, local = _address(bytes(value.laddr), ckey.family)
                 _, remote = _address(bytes(ckey.raddr), ckey.family)
-                try:
-                    owner = self._owner(owners[ct.c_uint64(ckey.cookie)])
-                except KeyError:
-                    owner = None
                 live = Live("udp", self._ns(value.start_ns), ROLES[value.role],
-                            Endpoints(fam, local, value.lport, remote, ckey.rport), owner)
+                            Endpoints(fam, local, value.lport, remote, ckey.rport),
+                            self._owner_of(ckey.cookie))
                 self._udp_add(key, live)
                 self._emit("START", key[0], live, live.start_ns, counters=(0, 0, 0, 0))
+            elif live.owner is None:  # a socket older than the sensor: owned at first I/O
+                live.owner = self._owner_of(ckey.cookie)
             counters = _udp_counters(value)
             last = self._ns(value.last_ns)
             if now - last >= idle:
@@ -438,10 +444,10 @@ class EbpfSensor:
             elif now - live.reported_ns >= interval and counters != live.reported:
                 self._emit("UPDATE", key[0], live, now, counters=counters)
 
-    def _report_drops(self, now: int, final: bool) -> None:
+    def _report_drops(self, now: int, always: bool) -> None:
         table = self.bpf[b"drops"]
         drops = tuple(int(table.sum(i).value) for i in range(len(DROP_FIELDS)))
-        if drops == self._drops and not final:
+        if drops == self._drops and not always:
             return
         if any(d > p for d, p in zip(drops, self._drops, strict=True)):
             log.warning("eBPF sensor losses: %s", dict(zip(DROP_FIELDS, drops, strict=True)))
@@ -467,16 +473,29 @@ class EbpfSensor:
         return boot_ns + self._boot_offset
 
     def _owner(self, owner: Any) -> dict[str, Any] | None:
+        """The published owner (shared, read-only) of kernel owner facts; cached briefly so
+        that a process opening many sockets costs one /proc read per OWNER_TTL_NS."""
         if not owner.pid:
             return None
+        key = (owner.pid, owner.tid, owner.comm, owner.uid, owner.gid, owner.cgroup_id,
+               owner.source)
+        now = time.monotonic_ns()
+        cached = self._owners.get(key)
+        if cached is not None and now - cached[0] < OWNER_TTL_NS:
+            return cached[1]
         record = self.processes.lookup(owner.pid, comm=owner.comm.decode(errors="replace"),
                                        tid=owner.tid, uid=owner.uid, gid=owner.gid,
                                        cgroup_id=owner.cgroup_id)
         if record.get("container_id") is None and record.get("cgroup_path"):
             ref = container_from_cgroup_path(record["cgroup_path"])
             record["container_id"] = ref.container_id if ref else None
-        return {"process": record, "source": SOURCES.get(owner.source),
-                "netns_inode": _netns_inode(owner.pid)}
+        result = {"process": record, "source": SOURCES.get(owner.source),
+                  "netns_inode": _netns_inode(owner.pid)}
+        self._owners[key] = (now, result)
+        self._owners.move_to_end(key)
+        while len(self._owners) > OWNER_CACHE:
+            self._owners.popitem(last=False)
+        return result
 
     def _event_id(self, cookie: int, remote: str, kind: str, ts: int) -> str:
         text = f"{self.options.host_name}|{self.boot_id}|{cookie}|{remote}|{kind}|{ts}"

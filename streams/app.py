@@ -37,6 +37,7 @@ from streams.flows import (
     activity,
     due,
     expired,
+    next_due,
     observe,
 )
 from streams.meta import MetaCache
@@ -123,6 +124,10 @@ class Worker:
         self.metrics = Metrics()
         self.latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self.offsets: dict[tuple[str, int], int] = {}
+        self.due: dict[int, dict[bytes, int]] = {}  # partition -> flow key -> next due time
+        self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
+        self.indexed: set[int] = set()
+        self.meta_seen: dict[int, int] = {}
         self.started = time.time()
         n = options.partitions
         datadir = settings.data_dir / "streams" / f"{workers_group}-{web_port}"
@@ -138,6 +143,7 @@ class Worker:
             table_standby_replicas=0, producer_acks=-1,
             # a killed worker's partitions move after 10 s instead of Faust's 60
             broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
+            producer_linger=0.02,  # batch the many small output records
         )
         app = self.app
         raw = lambda *suffixes: app.topic(*(topic_name(settings, s) for s in suffixes),  # noqa: E731
@@ -156,6 +162,7 @@ class Worker:
         app.agent(self.sockets_topic, name="flows")(self.flows_agent)
         app.agent(self.activity_topic, name="windows")(self.windows_agent)
         app.timer(options.tick_s)(self.tick)
+        app.on_partitions_revoked.connect(self.on_revoked)
         app.task(self.metadata_task)
         for path, view in (("/containers", self.view_containers), ("/pods", self.view_pods),
                            ("/flows", self.view_flows), ("/healthz", self.view_health),
@@ -213,26 +220,68 @@ class Worker:
                                         partition)
             for old, emission in owed:
                 await self.publish_flow(old, emission, now)
-            for emission in due(state, now, self.options.flow, enrichment(state, self.meta)):
-                await self.publish_flow(state, emission, now)
+            await self.settle(event.key, state, now)
             if sock is not None:
-                container = container_of(state, sock, self.meta)
-                if container:
-                    for act in activity(state, sock, container, self.meta.pod_of(container)):
-                        await self.activity_topic.send(key=act.entity.encode(), value=act.__dict__)
+                await self.report(state, sock)
             self.flows[event.key] = state.to_dict()
 
+    async def settle(self, key: bytes, state: FlowState, now: int) -> None:
+        """Emit what ``state`` owes now and index when it may next owe something."""
+        sig = enrichment(state, self.meta)
+        for emission in due(state, now, self.options.flow, sig):
+            await self.publish_flow(state, emission, now)
+        index = self.due.setdefault(state.partition, {})
+        index[key] = next_due(state, self.options.flow)
+        if "false" in sig:
+            self.incomplete.setdefault(state.partition, set()).add(key)
+        else:
+            self.incomplete.get(state.partition, set()).discard(key)
+
+    async def report(self, state: FlowState, sock: Any) -> None:
+        """Pass what a socket of a container did on to the windows of its container and pod."""
+        container = container_of(state, sock, self.meta)
+        if not container:
+            return
+        cfg = self.options.windows
+        for act in activity(state, sock, container, self.meta.pod_of(container), cfg.step_ms,
+                            cfg.steps):
+            await self.activity_topic.send(key=act.entity.encode(), value=act.__dict__)
+
     async def flows_tick(self, partition: int, now: int) -> None:
-        """Flow timeouts of one partition: START after the join delay, UPDATE, END, forget."""
-        mine = [(k, v) for k, v in self.flows.items() if v and v["partition"] == partition]
-        for key, stored in mine:
+        """Flow timeouts of one partition: START after the join delay, UPDATE, END, forget.
+
+        Only flows whose next due time has come are read; the index is rebuilt from the table
+        when the partition is (re)assigned, and flows lacking metadata are revisited when the
+        metadata changed."""
+        index = self.due.setdefault(partition, {})
+        if partition not in self.indexed:
+            for key, stored in self.flows.items():
+                if stored and stored["partition"] == partition:
+                    index[key] = 0
+            self.indexed.add(partition)
+        if self.meta.version != self.meta_seen.get(partition):
+            self.meta_seen[partition] = self.meta.version
+            for key in self.incomplete.get(partition, set()):
+                index[key] = 0
+        for key in [k for k, when in index.items() if when <= now]:
+            stored = self.flows.get(key)
+            if not stored:
+                index.pop(key, None)
+                continue
             state = FlowState.from_dict(stored)
-            for emission in due(state, now, self.options.flow, enrichment(state, self.meta)):
-                await self.publish_flow(state, emission, now)
+            await self.settle(key, state, now)
             if expired(state, now, self.options.flow):
                 del self.flows[key]
+                index.pop(key, None)
+                self.incomplete.get(partition, set()).discard(key)
             elif state.to_dict() != stored:
                 self.flows[key] = state.to_dict()
+
+    def on_revoked(self, *args: Any, **kwargs: Any) -> None:
+        """After a rebalance the flow index is rebuilt from the table."""
+        self.indexed.clear()
+        self.due.clear()
+        self.incomplete.clear()
 
     async def publish_flow(self, state: FlowState, emission: Emission, now: int) -> None:
         record = flow_record(state, emission, self.meta, now)
@@ -491,6 +540,7 @@ def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
     worker = Worker(settings, workers_group, web_host, web_port, options)
     faust_worker = faust.Worker(worker.app, loglevel=logging.getLogger().getEffectiveLevel()
                                 or logging.INFO, quiet=True)
+    faust_worker.spinner = None  # its handler would turn the root logger to DEBUG (costly)
     try:
         faust_worker.execute_from_commandline()
     except SystemExit as exc:

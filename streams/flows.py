@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 CLIENT, SERVER = "client", "server"
@@ -83,11 +83,26 @@ class Observation:
         return f"{self.host}|{self.transport}|{a[0]}|{a[1]}|{b[0]}|{b[1]}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Observation:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class Reported:
+    """What of one socket was already passed on to the windows (kept in the flow state, so
+    that a duplicate or a replay after a restart is not counted twice)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    retransmits: int = 0
+    rtt_ns: int = 0
+    step_ms: int | None = None  # window step of the latest activity
+    failed: bool = False
 
 
 @dataclass
@@ -117,6 +132,7 @@ class SocketState:
     closed_ns: int | None = None
     failed: bool = False
     error: str | None = None
+    reported: Reported = field(default_factory=Reported)
 
     def reopened_by(self, obs: Observation) -> bool:
         """Whether ``obs`` starts a new flow on this closed socket (a UDP socket talking to the
@@ -126,7 +142,7 @@ class SocketState:
     def merge(self, obs: Observation) -> bool:
         """Fold ``obs`` in; True when anything changed. Cumulative counters take the maximum,
         RTT and state the latest by event time: duplicates and late events change nothing."""
-        before = asdict(self)
+        before = self._values()
         start = min(obs.start_ns or obs.ts_ns, obs.ts_ns)
         self.first_ns = min(self.first_ns, start) if self.first_ns else start
         self.last_ns = max(self.last_ns, obs.ts_ns)
@@ -150,11 +166,17 @@ class SocketState:
             self.closed_ns = max(self.closed_ns or 0, obs.ts_ns)
         if obs.failed:
             self.failed, self.error = True, obs.error or self.error
-        return asdict(self) != before
+        return self._values() != before
+
+    def _values(self) -> tuple[Any, ...]:
+        return tuple(v for k, v in self.__dict__.items() if k != "reported")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "reported": dict(self.reported.__dict__)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SocketState:
-        return cls(**data)
+        return cls(**{**data, "reported": Reported(**data["reported"])})
 
 
 def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
@@ -167,27 +189,27 @@ def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 
 @dataclass
 class Activity:
-    """What one socket of a container did, cumulative, for the per-container windows."""
+    """What one socket of a container did since its previous activity, for the windows of its
+    container (and pod): counter deltas, at most one RTT sample, and whether the socket is new
+    to its window step (``gap``: steps since its previous active step, ``None`` when it was
+    already counted in this step)."""
 
     entity: str  # container id, or "<namespace>/<pod>" for a pod
     entity_type: str  # CONTAINER | POD
     container_id: str
     host: str
-    flow_id: str
-    cookie: int
     role: str
     ts_ns: int
-    first_ns: int
-    bytes_in: int
-    bytes_out: int
-    packets_in: int
-    packets_out: int
-    retransmits: int
-    srtt_us: int | None
-    rttvar_us: int | None
-    rtt_ns: int
+    gap: int | None
+    started: bool
     failed: bool
-    closed: bool
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    retransmits: int = 0
+    rtt_us: int | None = None
+    rttvar_us: int | None = None
 
 
 @dataclass
@@ -231,7 +253,8 @@ class FlowState:
                    partition=partition, seen_ms=now_ms)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**self.__dict__, "sockets": {k: s.to_dict() for k, s in self.sockets.items()},
+                "retired": list(self.retired)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowState:
@@ -375,7 +398,7 @@ def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "") ->
     elif not state.started:
         if state.both_ends() or age_s >= cfg.join_delay_s:
             out.append(_emit(state, "START", now_ms))
-    else:
+    elif not any(s.closed for s in state.sockets.values()):  # closing: END comes next
         timed_out = state.dirty and (now_ms - state.emitted_ms) / 1000 >= cfg.active_timeout_s
         if timed_out or (state.enrichment and enrichment != state.enrichment):
             out.append(_emit(state, "UPDATE", now_ms))
@@ -388,17 +411,52 @@ def expired(state: FlowState, now_ms: int, cfg: FlowConfig) -> bool:
     return state.ended and (now_ms - state.ended_ms) / 1000 >= cfg.linger_s
 
 
-def activity(state: FlowState, sock: SocketState, container_id: str,
-             pod: str | None) -> list[Activity]:
-    """The window inputs of one changed socket: for its container, and its pod if any."""
-    role = state.role_of(sock)
-    base = dict(container_id=container_id, host=state.host, flow_id=state.flow_id,
-                cookie=sock.cookie, role=role, ts_ns=sock.last_ns, first_ns=sock.first_ns,
-                bytes_in=sock.bytes_received, bytes_out=sock.bytes_sent,
-                packets_in=sock.packets_received, packets_out=sock.packets_sent,
-                retransmits=sock.retransmits, srtt_us=sock.srtt_us, rttvar_us=sock.rttvar_us,
-                rtt_ns=sock.rtt_ns, failed=sock.failed, closed=sock.closed)
-    out = [Activity(entity=container_id, entity_type="CONTAINER", **base)]
+def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | None,
+             step_ms: int, max_gap: int) -> list[Activity]:
+    """The window inputs of one changed socket since its previous activity (for its container,
+    and its pod if any); updates what the socket has reported. Empty when nothing new."""
+    rep = sock.reported
+    step = sock.last_ns // 1_000_000 // step_ms * step_ms
+    gap = None
+    if rep.step_ms is None:
+        gap = max_gap
+    elif step > rep.step_ms:
+        gap = min((step - rep.step_ms) // step_ms, max_gap)
+    deltas = {"bytes_in": sock.bytes_received - rep.bytes_in,
+              "bytes_out": sock.bytes_sent - rep.bytes_out,
+              "packets_in": sock.packets_received - rep.packets_in,
+              "packets_out": sock.packets_sent - rep.packets_out,
+              "retransmits": sock.retransmits - rep.retransmits}
+    deltas = {k: max(v, 0) for k, v in deltas.items()}
+    sample = sock.srtt_us is not None and sock.rtt_ns > rep.rtt_ns
+    failed = sock.failed and not rep.failed and state.role_of(sock) == CLIENT
+    if gap is None and not any(deltas.values()) and not sample and not failed:
+        return []
+    base = dict(container_id=container_id, host=state.host, role=state.role_of(sock),
+                ts_ns=sock.last_ns, gap=gap, started=rep.step_ms is None, failed=failed,
+                rtt_us=sock.srtt_us if sample else None,
+                rttvar_us=sock.rttvar_us if sample else None, **deltas)
+    rep.bytes_in, rep.bytes_out = sock.bytes_received, sock.bytes_sent
+    rep.packets_in, rep.packets_out = sock.packets_received, sock.packets_sent
+    rep.retransmits = sock.retransmits
+    rep.rtt_ns = max(rep.rtt_ns, sock.rtt_ns)
+    rep.step_ms = max(rep.step_ms or 0, step)
+    rep.failed = rep.failed or failed
+    out = [Activity(entity=container_id, entity_type="CONTAINER", **base)]  # type: ignore[arg-type]
     if pod:
-        out.append(Activity(entity=pod, entity_type="POD", **base))
+        out.append(Activity(entity=pod, entity_type="POD", **base))  # type: ignore[arg-type]
     return out
+
+
+def next_due(state: FlowState, cfg: FlowConfig) -> int:
+    """Processing time (ms) at which ``due`` or ``expired`` may next have something to do."""
+    if state.ended:
+        return state.ended_ms + round(cfg.linger_s * 1000)
+    when = state.changed_ms + round(cfg.idle_timeout_s * 1000)
+    if state.all_closed():
+        when = min(when, state.changed_ms + round(cfg.end_grace_s * 1000))
+    elif not state.started:
+        when = min(when, state.seen_ms + round(cfg.join_delay_s * 1000))
+    elif state.dirty and not any(s.closed for s in state.sockets.values()):
+        when = min(when, state.emitted_ms + round(cfg.active_timeout_s * 1000))
+    return when

@@ -19,16 +19,18 @@ class MetaCache:
     containers: dict[str, dict[str, Any]] = field(default_factory=dict)
     processes: OrderedDict[tuple[str, int], dict[str, Any]] = field(default_factory=OrderedDict)
     max_processes: int = MAX_PROCESSES
+    version: int = 0  # changes whenever a container or process record changes the cache
 
     def add_container(self, key: str | None, record: dict[str, Any] | None) -> None:
         """A meta.containers record; None (a tombstone) forgets the container."""
         if record is None:
-            if key:
-                self.containers.pop(key, None)
+            if key and self.containers.pop(key, None) is not None:
+                self.version += 1
             return
         current = self.containers.get(record["id"])
         if current is None or record["timestamp_ms"] >= current["timestamp_ms"]:
             self.containers[record["id"]] = record
+            self.version += 1
 
     def add_process(self, record: dict[str, Any]) -> None:
         """A meta.processes record (EXIT keeps the last known process: its flows need it)."""
@@ -40,6 +42,7 @@ class MetaCache:
             return
         self.processes[key] = proc
         self.processes.move_to_end(key)
+        self.version += 1
         while len(self.processes) > self.max_processes:
             self.processes.popitem(last=False)
 
@@ -78,6 +81,6 @@ class MetaCache:
     def signature(self, host: str, container_ids: list[str | None],
                   procs: list[dict[str, Any] | None]) -> str:
         """What is known about these containers and processes: a change means new metadata."""
-        known = [bool(c and c in self.containers) for c in container_ids]
-        exes = [bool((self.process(host, p) or {}).get("exe")) for p in procs]
+        known = [c in self.containers for c in container_ids if c]
+        exes = [bool((self.process(host, p) or {}).get("exe")) for p in procs if p]
         return json.dumps([known, exes])

@@ -1,9 +1,7 @@
-"""Per-container and per-pod windows, pure logic: socket activity (cumulative counters) becomes
-per-step buckets of deltas and RTT sketches; tumbling (one step) and hopping (several steps)
-windows are merges of buckets, emitted as ``packetless.ContainerMetrics`` once closed.
-
-Deltas are taken against the last counters seen per socket, so repeated or reordered activity
-counts once. RTT quantiles come from DDSketch (mergeable, 1% relative accuracy).
+"""Per-container and per-pod windows, pure logic: socket activity (deltas, from the flow stage)
+is added to per-step buckets; tumbling (one step) and hopping (several steps) windows are merges
+of buckets, emitted as ``packetless.ContainerMetrics`` once closed. Bucket size does not grow
+with the number of flows; RTT quantiles come from DDSketch (mergeable, 1% relative accuracy).
 """
 
 from __future__ import annotations
@@ -73,12 +71,15 @@ class RttAgg:
 
 @dataclass
 class Bucket:
-    """One step of one entity: deltas and distinct flows (sets kept as sorted lists)."""
+    """One step of one entity. Distinct flows are counted without keeping flow ids: ``client``
+    and ``server`` are histograms of sockets newly active in this step by ``gap``, the number
+    of steps since their previous active step (the last slot: never, or a whole window ago). A
+    socket is new to a window that starts after its previous active step."""
 
-    flows_client: list[str] = field(default_factory=list)
-    flows_server: list[str] = field(default_factory=list)
-    started: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
+    client: list[int] = field(default_factory=list)
+    server: list[int] = field(default_factory=list)
+    started: int = 0
+    failed: int = 0
     containers: list[str] = field(default_factory=list)
     bytes_in: int = 0
     bytes_out: int = 0
@@ -88,26 +89,12 @@ class Bucket:
     rtt_client: RttAgg = field(default_factory=RttAgg)
     rtt_server: RttAgg = field(default_factory=RttAgg)
 
-    def merge(self, other: Bucket) -> None:
-        for name in ("flows_client", "flows_server", "started", "failed", "containers"):
-            setattr(self, name, sorted(set(getattr(self, name)) | set(getattr(other, name))))
-        for name in ("bytes_in", "bytes_out", "packets_in", "packets_out", "retransmits"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.rtt_client.merge(other.rtt_client)
-        self.rtt_server.merge(other.rtt_server)
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Bucket:
         data = dict(data)
         data["rtt_client"] = RttAgg.from_dict(data["rtt_client"])
         data["rtt_server"] = RttAgg.from_dict(data["rtt_server"])
         return cls(**data)
-
-
-def _add(items: list[str], item: str) -> None:
-    if item not in items:
-        items.append(item)
-        items.sort()
 
 
 @dataclass
@@ -117,35 +104,34 @@ class WindowConfig:
     step_s: float = 10.0
     hop_s: float = 60.0
     grace_s: float = 5.0  # how long after its end a window waits for late activity
-    socket_linger_s: float = 120.0  # counters of a quiet closed socket are forgotten after this
 
     @property
     def step_ms(self) -> int:
         return round(self.step_s * 1000)
 
     @property
+    def steps(self) -> int:
+        """Steps per hopping window (also the largest gap counted)."""
+        return max(math.ceil(self.hop_s / self.step_s), 1)
+
+    @property
     def hop_ms(self) -> int:
-        return math.ceil(self.hop_s / self.step_s) * self.step_ms
+        return self.steps * self.step_ms
 
 
-@dataclass
-class SocketMark:
-    """The counters of one socket already counted in buckets."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
-    retransmits: int = 0
-    rtt_ns: int = 0
-    last_ns: int = 0
-    failed: bool = False
-    closed: bool = False
+def _distinct(buckets: list[Bucket | None], role: str) -> int:
+    """Distinct sockets of ``role`` active in consecutive steps ``buckets`` (oldest first)."""
+    total = 0
+    for j, b in enumerate(buckets):
+        if b is not None:
+            hist = b.client if role == CLIENT else b.server
+            total += sum(hist[j + 1:])
+    return total
 
 
 @dataclass
 class EntityState:
-    """The windows state of one container or pod."""
+    """The windows state of one container or pod: per-step buckets not yet forgotten."""
 
     entity: str
     entity_type: str
@@ -154,10 +140,9 @@ class EntityState:
     namespace: str | None = None
     pod_name: str | None = None
     image: str | None = None
-    sockets: dict[str, SocketMark] = field(default_factory=dict)
     buckets: dict[str, Bucket] = field(default_factory=dict)
     emitted_upto_ms: int = 0  # windows ending at or before this were emitted
-    late: int = 0  # activity that arrived after its window was emitted
+    late: int = 0  # activities that arrived after their window was emitted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,7 +150,6 @@ class EntityState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EntityState:
         data = dict(data)
-        data["sockets"] = {k: SocketMark(**v) for k, v in data["sockets"].items()}
         data["buckets"] = {k: Bucket.from_dict(v) for k, v in data["buckets"].items()}
         return cls(**data)
 
@@ -178,85 +162,84 @@ class EntityState:
         self.image = image or self.image
 
     def apply(self, act: Activity, cfg: WindowConfig) -> bool:
-        """Count what ``act`` adds to what was already counted; False when it was late."""
+        """Add ``act`` to its step; False (and nothing added) when that step's windows were
+        already emitted."""
         self.host = act.host
-        sock_key = f"{act.host}:{act.cookie}"
-        mark = self.sockets.get(sock_key)
-        new = mark is None
-        mark = mark or SocketMark()
-        self.sockets[sock_key] = mark
         step = cfg.step_ms
         start = act.ts_ns // 1_000_000 // step * step
         if not self.emitted_upto_ms:
             self.emitted_upto_ms = start
-        late = start + step <= self.emitted_upto_ms
-        bucket = Bucket() if late else self.buckets.setdefault(str(start), Bucket())
-        deltas = {"bytes_in": act.bytes_in - mark.bytes_in, "bytes_out": act.bytes_out - mark.bytes_out,
-                  "packets_in": act.packets_in - mark.packets_in,
-                  "packets_out": act.packets_out - mark.packets_out,
-                  "retransmits": act.retransmits - mark.retransmits}
-        for name, delta in deltas.items():
-            if delta > 0:
-                setattr(bucket, name, getattr(bucket, name) + delta)
-                setattr(mark, name, getattr(mark, name) + delta)
-        _add(bucket.flows_client if act.role == CLIENT else bucket.flows_server, act.flow_id)
-        _add(bucket.containers, act.container_id)
-        if new:
-            _add(bucket.started, act.flow_id)
-        if act.failed and not mark.failed and act.role == CLIENT:
-            _add(bucket.failed, act.flow_id)
-        mark.failed = mark.failed or act.failed
-        if act.srtt_us is not None and act.rtt_ns > mark.rtt_ns:
-            (bucket.rtt_client if act.role == CLIENT else bucket.rtt_server).add(
-                act.srtt_us, act.rttvar_us)
-            mark.rtt_ns = act.rtt_ns
-        mark.last_ns = max(mark.last_ns, act.ts_ns)
-        mark.closed = mark.closed or act.closed
-        self.late += late
-        return not late
+        if start + step <= self.emitted_upto_ms:
+            self.late += 1
+            return False
+        b = self.buckets.get(str(start))
+        if b is None:
+            b = self.buckets[str(start)] = Bucket(client=[0] * (cfg.steps + 1),
+                                                  server=[0] * (cfg.steps + 1))
+        if act.gap is not None:
+            (b.client if act.role == CLIENT else b.server)[min(act.gap, cfg.steps)] += 1
+        b.started += act.started
+        b.failed += act.failed
+        if act.container_id not in b.containers:
+            b.containers.append(act.container_id)
+        b.bytes_in += act.bytes_in
+        b.bytes_out += act.bytes_out
+        b.packets_in += act.packets_in
+        b.packets_out += act.packets_out
+        b.retransmits += act.retransmits
+        if act.rtt_us is not None:
+            (b.rtt_client if act.role == CLIENT else b.rtt_server).add(act.rtt_us, act.rttvar_us)
+        return True
 
     def close(self, now_ms: int, cfg: WindowConfig) -> list[dict[str, Any]]:
-        """The ContainerMetrics records of the windows that closed by ``now_ms``; prunes state."""
-        step, hop = cfg.step_ms, cfg.hop_ms
+        """The ContainerMetrics records of the windows that closed by ``now_ms``; forgets the
+        steps no open window needs."""
+        step, hop, n = cfg.step_ms, cfg.hop_ms, cfg.steps
         limit = (now_ms - round(cfg.grace_s * 1000)) // step * step
-        ends = sorted({int(b) + step * k for b in self.buckets for k in range(1, hop // step + 1)
+        ends = sorted({int(b) + step * k for b in self.buckets for k in range(1, n + 1)
                        if self.emitted_upto_ms < int(b) + step * k <= limit})
         out = []
         for end in ends:
             tumbling = self.buckets.get(str(end - step))
             if tumbling is not None:
-                out.append(self._record(end - step, step, step, tumbling, now_ms))
-            if hop > step:
-                merged = Bucket()
-                covered = [b for s, b in self.buckets.items() if end - hop <= int(s) < end]
-                for b in covered:
-                    merged.merge(b)
-                if covered:
-                    out.append(self._record(end - hop, hop, step, merged, now_ms))
+                out.append(self._record(end - step, step, step, [tumbling], now_ms))
+            if n > 1:
+                covered = [self.buckets.get(str(end - hop + step * j)) for j in range(n)]
+                if any(covered):
+                    out.append(self._record(end - hop, hop, step, covered, now_ms))
         self.emitted_upto_ms = max(self.emitted_upto_ms, limit)
         self.buckets = {s: b for s, b in self.buckets.items() if int(s) >= limit - hop}
-        linger_ns = round(cfg.socket_linger_s * 1e9)
-        self.sockets = {k: m for k, m in self.sockets.items()
-                        if not (m.closed and m.last_ns < limit * 1_000_000 - linger_ns)}
         return out
 
     def idle(self) -> bool:
-        """Nothing left to emit or to remember: the entity can be forgotten."""
-        return not self.buckets and not self.sockets
+        """Nothing left to emit: the entity can be forgotten."""
+        return not self.buckets
 
-    def _record(self, start: int, size: int, step: int, b: Bucket, now_ms: int) -> dict[str, Any]:
+    def _record(self, start: int, size: int, step: int, buckets: list[Bucket | None],
+                now_ms: int) -> dict[str, Any]:
+        present = [b for b in buckets if b is not None]
+        rtt_client, rtt_server = RttAgg(), RttAgg()
+        for b in present:
+            rtt_client.merge(b.rtt_client)
+            rtt_server.merge(b.rtt_server)
+
+        def total(name: str) -> int:
+            return sum(getattr(b, name) for b in present)
+
         return {
             "entity_type": self.entity_type, "entity_id": self.entity,
             "name": self.name, "namespace": self.namespace, "pod_name": self.pod_name,
             "image": self.image if self.entity_type == "CONTAINER" else None,
-            "host_name": self.host, "containers": len(b.containers),
+            "host_name": self.host,
+            "containers": len({c for b in present for c in b.containers}),
             "window_start_ms": start, "window_end_ms": start + size,
             "window_size_ms": size, "window_step_ms": step,
-            "flows_as_client": len(b.flows_client), "flows_as_server": len(b.flows_server),
-            "flows_started": len(b.started), "failed_connects": len(b.failed),
-            "bytes_in": b.bytes_in, "bytes_out": b.bytes_out,
-            "packets_in": b.packets_in, "packets_out": b.packets_out,
-            "retransmits": b.retransmits,
-            "rtt_as_client": b.rtt_client.stats(), "rtt_as_server": b.rtt_server.stats(),
+            "flows_as_client": _distinct(buckets, CLIENT),
+            "flows_as_server": _distinct(buckets, "server"),
+            "flows_started": total("started"), "failed_connects": total("failed"),
+            "bytes_in": total("bytes_in"), "bytes_out": total("bytes_out"),
+            "packets_in": total("packets_in"), "packets_out": total("packets_out"),
+            "retransmits": total("retransmits"),
+            "rtt_as_client": rtt_client.stats(), "rtt_as_server": rtt_server.stats(),
             "emitted_ms": now_ms,
         }

@@ -58,14 +58,14 @@ sys.stdin.readline()
 """
 
 TCP_CLIENT = """
-import socket, struct, sys, os, time
+import errno, socket, struct, sys, os, time
 fam, host, port, n, pause, mode = (int(sys.argv[1]), sys.argv[2], int(sys.argv[3]),
                                    int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
 c = socket.socket(fam, socket.SOCK_STREAM)
 try:
     c.connect((host, port))
-except ConnectionRefusedError:
-    print(os.getpid(), "refused", flush=True)
+except OSError as e:
+    print(os.getpid(), errno.errorcode[e.errno], flush=True)
     sys.stdin.readline()
     sys.exit(0)
 print(os.getpid(), c.getsockname()[1], flush=True)
@@ -148,8 +148,9 @@ class Collector:
         raise AssertionError(f"timed out waiting for {count} record(s); got {self.select(pred)}")
 
 
-@pytest.fixture(scope="module")
-def sensor() -> Iterator[Collector]:
+@contextlib.contextmanager
+def running_sensor() -> Iterator[Collector]:
+    """An eBPF sensor in a thread of this process, attached until the context exits."""
     require_root()
     ok, why = ebpf.available()
     require(ok, why)
@@ -167,13 +168,21 @@ def sensor() -> Iterator[Collector]:
 
     thread = threading.Thread(target=target, name="ebpf-sensor", daemon=True)
     thread.start()
-    collector.wait(lambda r: r["type"] == "DROPS", timeout=120)
-    yield collector
-    stop.set()
-    thread.join(timeout=30)
+    try:
+        collector.wait(lambda r: r["type"] == "DROPS", timeout=120)
+        yield collector
+    finally:
+        stop.set()
+        thread.join(timeout=30)
     assert not thread.is_alive()
     final = collector.select(lambda r: r["type"] == "DROPS")[-1]["drops"]
     assert final == dict.fromkeys(ebpf.DROP_FIELDS, 0)
+
+
+@pytest.fixture(scope="module")
+def sensor() -> Iterator[Collector]:
+    with running_sensor() as collector:
+        yield collector
 
 
 class Proc:
@@ -264,10 +273,13 @@ def test_available_explains() -> None:
 # ---- TCP --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"),
-                                              (socket.AF_INET6, "::1")], ids=["v4", "v6"])
-def test_tcp_loopback_exact_bytes_and_processes(sensor: Collector, family: int,
-                                                host: str) -> None:
+@pytest.mark.parametrize(("family", "host", "ip", "network"), [
+    (socket.AF_INET, "127.0.0.1", "127.0.0.1", "ipv4"),
+    (socket.AF_INET6, "::1", "::1", "ipv6"),
+    (socket.AF_INET6, "::ffff:127.0.0.1", "127.0.0.1", "ipv4"),
+], ids=["v4", "v6", "v4-mapped"])
+def test_tcp_loopback_exact_bytes_and_processes(sensor: Collector, family: int, host: str,
+                                                ip: str, network: str) -> None:
     n, m = 300_001, 77_777
     server, client, port, lport = tcp_exchange(sensor, family, host, n, m)
     client_recs = sensor.wait(by_ports(lport, port), count=2)
@@ -281,11 +293,11 @@ def test_tcp_loopback_exact_bytes_and_processes(sensor: Collector, family: int,
     assert_process(c_end, client)
     assert_process(s_end, server)  # the accepted socket belongs to the server, not the client
     for rec in (c_end, s_end):
-        assert rec["family"] == ("ipv4" if family == socket.AF_INET else "ipv6")
-        assert rec["local_ip"] == rec["remote_ip"] == host
+        assert rec["family"] == network
+        assert rec["local_ip"] == rec["remote_ip"] == ip
         assert rec["reason"] == "CLOSED" and rec["state"] == "CLOSE" and rec["error"] is None
         assert rec["packets_sent"] > 0 and rec["packets_received"] > 0
-        assert rec["srtt_us"] > 0 and rec["retransmits"] == 0
+        assert rec["srtt_us"] > 0 and rec["retransmits"] >= 0
         assert rec["duration_ns"] == rec["timestamp_ns"] - rec["start_ns"] >= 0
         assert abs(rec["timestamp_ns"] - time.time_ns()) < 60e9
         assert rec["netns_inode"] == os.stat("/proc/self/ns/net").st_ino
@@ -300,7 +312,7 @@ def test_tcp_refused(sensor: Collector) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     client = Proc(TCP_CLIENT, socket.AF_INET, "127.0.0.1", port, 1, 0, "normal")
-    assert client.line[1] == "refused"
+    assert client.line[1] == "ECONNREFUSED"
     client.finish()
     recs = sensor.wait(lambda r: r["transport"] == "tcp" and r["remote_port"] == port
                        and r["type"] == "FAILURE")
@@ -363,6 +375,26 @@ def test_udp_two_processes(sensor: Collector, family: int, host: str) -> None:
     assert_process(s_end, server)
 
 
+def test_udp_socket_older_than_sensor(sensor: Collector) -> None:
+    server = Proc(UDP_SERVER, socket.AF_INET, "127.0.0.1", 2)
+    port = int(server.line[1])
+    with running_sensor() as late:  # a second sensor, next to the module's one
+        client = Proc(UDP_CLIENT, socket.AF_INET, "127.0.0.1", port, "10,20")
+        lport = int(client.line[1])
+        client.finish()
+        server.finish()
+        s_end = flow(late.wait(by_ports(port, lport, "udp"), count=2), "END")
+        assert s_end["process"]["pid"] == server.pid
+        assert s_end["process_source"] == "FIRST_IO"
+        assert (s_end["bytes_received"], s_end["bytes_sent"]) == (30, 60)
+        assert flow(late.wait(by_ports(lport, port, "udp"), count=2), "END")[
+            "process_source"] == "CREATOR"
+    # the module's sensor saw the server socket created, and still runs after the other left
+    s_end = flow(sensor.wait(by_ports(port, lport, "udp"), count=2), "END")
+    assert s_end["process_source"] == "CREATOR" and s_end["process"]["pid"] == server.pid
+    test_udp_two_processes(sensor, socket.AF_INET, "127.0.0.1")
+
+
 def test_udp_idle_timeout(sensor: Collector) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
@@ -381,12 +413,13 @@ def test_udp_idle_timeout(sensor: Collector) -> None:
 
 @dataclass
 class Sandbox:
-    """A cgroup2 directory and a network namespace joined to the host by a veth pair."""
+    """A cgroup2 directory and a network namespace joined to the host by a veth pair (/29)."""
 
     name: str
     cgroup: Path
     host_ip: str
     ns_ip: str
+    absent_ip: str  # on the veth's subnet, but no host answers for it
 
     def prefix(self) -> list[str]:
         """Command prefix running a program in the cgroup and the namespace."""
@@ -404,16 +437,17 @@ def sandbox() -> Iterator[Sandbox]:
     name = f"pl-ebpf-{uuid.uuid4().hex[:6]}"
     host_if, ns_if = f"{name[-6:]}h", f"{name[-6:]}n"
     octet = int(name[-2:], 16)
-    box = Sandbox(name, cgroup2_root() / name, f"10.231.{octet}.1", f"10.231.{octet}.2")
+    box = Sandbox(name, cgroup2_root() / name, f"10.231.{octet}.1", f"10.231.{octet}.2",
+                  f"10.231.{octet}.5")
     box.cgroup.mkdir()
     run = lambda *a: subprocess.run(a, check=True)  # noqa: E731
     try:
         run("ip", "netns", "add", name)
         run("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
         run("ip", "link", "set", ns_if, "netns", name)
-        run("ip", "addr", "add", f"{box.host_ip}/30", "dev", host_if)
+        run("ip", "addr", "add", f"{box.host_ip}/29", "dev", host_if)
         run("ip", "link", "set", host_if, "up")
-        box.ns("ip", "addr", "add", f"{box.ns_ip}/30", "dev", ns_if)
+        box.ns("ip", "addr", "add", f"{box.ns_ip}/29", "dev", ns_if)
         box.ns("ip", "link", "set", ns_if, "up")
         box.ns("ip", "link", "set", "lo", "up")
         yield box
@@ -443,6 +477,34 @@ def test_cgroup_and_network_namespace(sensor: Collector, sandbox: Sandbox) -> No
     assert c_end["netns_inode"] == os.stat(f"/run/netns/{sandbox.name}").st_ino
     s_end = flow(sensor.wait(by_ports(port, lport), count=2), "END")
     assert s_end["cgroup_id"] != cgroup_id and s_end["process"]["pid"] == server.pid
+
+
+@pytest.mark.parametrize(("how", "reason", "error"), [("timeout", "TIMEOUT", "ETIMEDOUT"),
+                                                      ("unreachable", "UNREACHABLE",
+                                                       "EHOSTUNREACH")])
+def test_failed_connects(sensor: Collector, sandbox: Sandbox, how: str, reason: str,
+                         error: str) -> None:
+    require(shutil.which("nft") is not None, "nft (apt-get install nftables)")
+    target = sandbox.host_ip
+    if how == "timeout":  # the host's RST never arrives; one SYN retry gives up after ~3 s
+        sandbox.ns("sysctl", "-qw", "net.ipv4.tcp_syn_retries=1")
+        sandbox.ns("nft", "add table inet pltest")
+        sandbox.ns("nft", "add chain inet pltest in { type filter hook input priority 0 ; }")
+        sandbox.ns("nft", "add rule inet pltest in tcp flags & rst == rst drop")
+    else:  # nobody answers ARP: the kernel reports host unreachable (ICMP) after ~3 s
+        target = sandbox.absent_ip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = Proc(TCP_CLIENT, socket.AF_INET, target, port, 1, 0, "normal",
+                  prefix=sandbox.prefix())
+    assert client.line[1] == error
+    client.finish()
+    failure = sensor.wait(lambda r: r["remote_port"] == port and r["remote_ip"] == target
+                          and r["type"] == "FAILURE")[0]
+    assert (failure["reason"], failure["error"]) == (reason, error)
+    assert failure["process"]["pid"] == client.pid
+    assert failure["cgroup_id"] == os.stat(sandbox.cgroup).st_ino
 
 
 def test_retransmissions_counted(sensor: Collector, sandbox: Sandbox) -> None:

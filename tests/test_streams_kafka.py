@@ -242,7 +242,8 @@ def check_flows(flows: list[dict[str, Any]]) -> None:
     assert [e["type"] for e in flow_of(flows, 45678)] == ["START", "END"]  # late snapshot: no-op
     f1 = flow_of(flows, 45678)[-1]
     assert f1["type"] == "END" and f1["end_reason"] == "closed"
-    assert (f1["client"]["ip"], f1["server"]["ip"], f1["server"]["port"]) == ("172.18.0.2", "172.18.0.3", 8080)
+    assert (f1["client"]["ip"], f1["server"]["ip"], f1["server"]["port"]) == ("172.18.0.2",
+                                                                              "172.18.0.3", 8080)
     assert f1["client"]["local"] and f1["server"]["local"]
     assert (f1["client"]["socket_cookie"], f1["server"]["socket_cookie"]) == (11, 12)
     assert (f1["client_bytes"], f1["server_bytes"], f1["retransmits"]) == (420, 12000, 1)

@@ -11,7 +11,7 @@ import pytest
 
 import schemas
 from streams import ecs, ocsf
-from streams.flows import Activity, Emission, FlowConfig, FlowState, Observation, activity, due, observe
+from streams.flows import Emission, FlowConfig, FlowState, Observation, activity, due, observe
 from streams.meta import MetaCache
 from streams.records import community_id, flow_record
 from streams.windows import EntityState, RttAgg, WindowConfig
@@ -191,27 +191,32 @@ def test_community_id_reference_vectors(transport: str, src: str, sport: int, ds
     assert community_id(transport, src, sport, dst, dport) == expected
 
 
-def act(cookie: int, role: str, t_ms: int, bytes_in: int, bytes_out: int, rtt: int | None,
-        **extra: object) -> Activity:
-    values = dict(entity=CID_A, entity_type="CONTAINER", container_id=CID_A, host="h1",
-                  flow_id=f"f{cookie}", cookie=cookie, role=role, ts_ns=T0 + t_ms * 1_000_000,
-                  first_ns=T0, bytes_in=bytes_in, bytes_out=bytes_out, packets_in=0, packets_out=0,
-                  retransmits=0, srtt_us=rtt, rttvar_us=5, rtt_ns=T0 + t_ms * 1_000_000,
-                  failed=False, closed=False)
-    values.update(extra)
-    return Activity(**values)  # type: ignore[arg-type]
+def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowConfig,
+         replay: int = 1) -> EntityState:
+    """Socket observations (cookie, role, t_ms, bytes_in, bytes_out, srtt) of container A,
+    through the flow stage's ``activity`` (repeated ``replay`` times) into the windows."""
+    entity = EntityState(entity=CID_A, entity_type="CONTAINER")
+    flows: dict[int, FlowState] = {}
+    for _ in range(replay):
+        for cookie, role, t_ms, b_in, b_out, rtt in events:
+            o = obs(cookie, role, "UPDATE", t_ms, b_out, b_in, srtt_us=rtt, rttvar_us=5,
+                    local_port=40000 + cookie if role == "client" else 8080,
+                    remote_port=8080 if role == "client" else 40000 + cookie)
+            state, _, sock = observe(flows.get(cookie), o, 0)
+            flows[cookie] = state
+            if sock is not None:
+                for a in activity(state, sock, CID_A, None, cfg.step_ms, cfg.steps):
+                    entity.apply(a, cfg)
+    return EntityState.from_dict(entity.to_dict())  # through JSON-able state
 
 
 def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
     cfg = WindowConfig(step_s=10, hop_s=60, grace_s=5)
-    e = EntityState(entity=CID_A, entity_type="CONTAINER")
-    t0_ms = T0 // 1_000_000
-    base = t0_ms // 10_000 * 10_000
-    acts = [act(1, "client", 1000, 100, 50, 100), act(1, "client", 3000, 300, 70, 200),
-            act(2, "server", 4000, 10, 1000, 1000), act(1, "client", 12_000, 400, 70, 300)]
-    for a in acts + acts:  # the second pass is all duplicates
-        e.apply(a, cfg)
-    e = EntityState.from_dict(e.to_dict())  # through JSON-able state
+    base = T0 // 1_000_000 // 10_000 * 10_000
+    off = base - T0 // 1_000_000  # t_ms of the step start
+    events = [(1, "client", off + 1000, 100, 50, 100), (1, "client", off + 3000, 300, 70, 200),
+              (2, "server", off + 4000, 10, 1000, 1000), (1, "client", off + 12_000, 400, 70, 300)]
+    e = feed(events, cfg, replay=2)  # the second pass is all duplicates
     recs = e.close(base + 10_000 + 5000, cfg)
     tumbling = [r for r in recs if r["window_size_ms"] == 10_000]
     hopping = [r for r in recs if r["window_size_ms"] == 60_000]
@@ -227,7 +232,34 @@ def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
     hop = next(r for r in later if r["window_size_ms"] == 60_000)
     assert hop["bytes_in"] == 410 and hop["window_end_ms"] == base + 20_000
     assert hop["rtt_as_client"]["samples"] == 3
-    assert not e.apply(act(1, "client", 1500, 500, 70, 50), cfg)  # late: window already emitted
+    assert (hop["flows_as_client"], hop["flows_as_server"]) == (1, 1)  # socket 1 counted once
+    late = feed([(3, "client", off + 1500, 500, 70, 50)], cfg)
+    late.emitted_upto_ms = base + 20_000
+    assert not late.apply(activity(*_one_socket(3, off + 1500), CID_A, None, cfg.step_ms,
+                                   cfg.steps)[0], cfg)
+
+
+def _one_socket(cookie: int, t_ms: int) -> tuple[FlowState, object]:
+    state, _, sock = observe(None, obs(cookie, "client", "START", t_ms, 1, 1), 0)
+    return state, sock
+
+
+def test_distinct_flows_across_steps() -> None:
+    cfg = WindowConfig(step_s=10, hop_s=30, grace_s=0)
+    base = T0 // 1_000_000 // 10_000 * 10_000
+    off = base - T0 // 1_000_000
+    # socket 1 active in steps 0, 1, 2; socket 2 in steps 0 and 2; socket 3 in step 1 only
+    events = [(1, "client", off + 1, 1, 1, None), (2, "client", off + 2, 1, 1, None),
+              (1, "client", off + 10_001, 2, 2, None), (3, "client", off + 10_002, 1, 1, None),
+              (1, "client", off + 20_001, 3, 3, None), (2, "client", off + 20_002, 2, 2, None)]
+    e = feed(events, cfg)
+    recs = e.close(base + 30_000, cfg)
+    tumbling = {r["window_start_ms"] - base: r["flows_as_client"] for r in recs
+                if r["window_size_ms"] == 10_000}
+    hopping = {r["window_start_ms"] - base: r["flows_as_client"] for r in recs
+               if r["window_size_ms"] == 30_000}
+    assert tumbling == {0: 2, 10_000: 2, 20_000: 2}
+    assert hopping == {-20_000: 2, -10_000: 3, 0: 3}
 
 
 def test_rtt_sketch_quantiles_are_mergeable() -> None:
@@ -247,12 +279,14 @@ def test_rtt_sketch_quantiles_are_mergeable() -> None:
 def test_activity_for_container_and_pod() -> None:
     state, _ = run(loopback_flow(), [])
     sock = state.sockets["1"]
-    acts = activity(state, sock, CID_A, "ns/p1")
-    assert [(a.entity_type, a.entity, a.role) for a in acts] == [("CONTAINER", CID_A, "client"),
-                                                                  ("POD", "ns/p1", "client")]
+    cfg = WindowConfig()
+    acts = activity(state, sock, CID_A, "ns/p1", cfg.step_ms, cfg.steps)
+    assert [(a.entity_type, a.entity, a.role, a.bytes_out) for a in acts] == [
+        ("CONTAINER", CID_A, "client", 600), ("POD", "ns/p1", "client", 600)]
+    assert activity(state, sock, CID_A, "ns/p1", cfg.step_ms, cfg.steps) == []  # reported
     cm = fastavro.parse_schema(schemas.load("ContainerMetrics"))
     e = EntityState(entity="ns/p1", entity_type="POD")
     for a in acts:
-        e.apply(a, WindowConfig())
-    for rec in e.close(T0 // 1_000_000 + 100_000, WindowConfig()):
+        e.apply(a, cfg)
+    for rec in e.close(T0 // 1_000_000 + 100_000, cfg):
         fastavro.validate(rec, cm, strict=True)
