@@ -289,14 +289,19 @@ static __always_inline void tcp_snapshot(struct bpf_sock_ops *ctx, struct tcp_fl
 }
 
 // Payload bytes: the kernel counters count sequence space, which includes the FIN (and the
-// SYN before the baseline taken at ESTABLISHED). Subtract a FIN that was counted.
-static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t *f)
+// SYN before the baseline taken at ESTABLISHED). Sent: never more than the application wrote
+// (sock_send_length sums), which leaves out our FIN; without such sums, minus our FIN once
+// acknowledged (fin_acked). Received: minus the peer's FIN once seen; at least what was read.
+static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t *f,
+                                           int fin_acked)
 {
     ev->proto = PROTO_TCP;
     ev->start_ns = f->start_ns;
     u64 sent = f->bytes_acked - f->acked0;
     u64 rcvd = f->bytes_received - f->rcvd0;
-    if (f->flags & F_FIN_OUT && sent > 0)
+    if (f->app_tx && sent > f->app_tx)
+        sent = f->app_tx;
+    else if (!f->app_tx && fin_acked && sent > 0)
         sent--;
     if (f->flags & F_FIN_IN && rcvd > 0)
         rcvd--;
@@ -319,12 +324,12 @@ static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t
 }
 
 static __always_inline void emit_tcp(u8 type, u64 cookie, struct tcp_flow_t *f, u8 oldstate,
-                                     u8 state)
+                                     u8 state, int fin_acked)
 {
     struct event_t *ev = new_event(type, cookie);
     if (!ev)
         return;
-    tcp_fill_event(ev, f);
+    tcp_fill_event(ev, f, fin_acked);
     ev->oldstate = oldstate;
     ev->state = state;
     copy_owner(ev, cookie);
@@ -389,7 +394,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
         tcp_snapshot(ctx, f);
         f->acked0 = f->bytes_acked;
         f->rcvd0 = f->bytes_received;
-        emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
+        emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED, 0);
         return 1;
     case BPF_SOCK_OPS_RTT_CB: {
         f = tcp_flows.lookup(&cookie);
@@ -422,21 +427,20 @@ int sock_ops(struct bpf_sock_ops *ctx)
         if (!f)
             return 1;
         u8 old = ctx->args[0], new = ctx->args[1];
+        tcp_snapshot(ctx, f);
+        // a FIN we sent counts in bytes_acked once acknowledged (all that was sent is)
+        int fin_acked = (f->flags & F_FIN_OUT) && ctx->snd_una == ctx->snd_nxt;
         if (new == BPF_TCP_FIN_WAIT1 || new == BPF_TCP_LAST_ACK)
-            f->flags |= F_FIN_OUT;  // our FIN is in sequence space now
+            f->flags |= F_FIN_OUT;  // our FIN is about to be sent
         if (new != BPF_TCP_CLOSE) {
-            u64 *cfg;
             int zero = 0;
-            cfg = config.lookup(&zero);
+            u64 *cfg = config.lookup(&zero);
             if (cfg && (*cfg & C_STATE_EVENTS))
-                emit_tcp(EV_STATE, cookie, f, old, new);
+                emit_tcp(EV_STATE, cookie, f, old, new, fin_acked);
             return 1;
         }
-        tcp_snapshot(ctx, f);
-        // a FIN we sent counts in bytes_acked only once acknowledged
-        if ((f->flags & F_FIN_OUT) && ctx->snd_una != ctx->snd_nxt)
-            f->flags &= ~F_FIN_OUT;
-        emit_tcp((f->flags & F_ESTABLISHED) ? EV_END : EV_FAILURE, cookie, f, old, new);
+        emit_tcp((f->flags & F_ESTABLISHED) ? EV_END : EV_FAILURE, cookie, f, old, new,
+                 fin_acked);
         if (f->flags & F_RELEASED)
             owners.delete(&cookie);
         tcp_flows.delete(&cookie);
@@ -493,7 +497,7 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
     fill_owner(&o, SRC_FIRST_IO);
     if (put_owner(cookie, &o))
         return;
-    emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
+    emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED, 0);
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length)

@@ -52,6 +52,7 @@ SPOOL_PRODUCER: dict[str, Any] = {
 REPLAY_BATCH = 2000
 QUEUE_FULL_WAIT_S = 0.5
 REGISTRY_RETRY_S = 10.0
+ERROR_LOG_INTERVAL_S = 60.0
 # Looking for possibly delivered records reads at most this many records per partition.
 MAX_CHECK_SCAN = 500_000
 _TRANSIENT = frozenset({
@@ -119,6 +120,7 @@ class Publisher:
         self._direct_pending = 0
         self._spooling = self._spool is not None and len(self._spool) > 0
         self._fatal = False
+        self._error_logged: dict[int, float] = {}
         self._encodable: set[str] = set()
         self._registry_retry_at = 0.0
         self._stop = threading.Event()
@@ -302,7 +304,10 @@ class Publisher:
             with self._lock:
                 self._begin_spooling(err.str())
         elif err.code() not in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
-            log.warning("Kafka: %s", err.str())
+            now = time.monotonic()
+            if now - self._error_logged.get(err.code(), -ERROR_LOG_INTERVAL_S) >= ERROR_LOG_INTERVAL_S:
+                self._error_logged[err.code()] = now  # librdkafka repeats it at every retry
+                log.warning("Kafka: %s", err.str())
         self._wake.set()
 
     # -- schemas while the registry is away --------------------------------------------------

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import hashlib
-import ipaddress
 import logging
 import os
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "flows.c"
 TOPIC = "raw.ebpf"
 AF_INET, AF_INET6 = 2, 10
 PROTO_TCP, PROTO_UDP = 6, 17
-BPF_F_ALLOW_MULTI = 2  # coexist with other programs (another sensor) on the cgroup root
 
 # mirrored from bpf/flows.c
 EV_START, EV_END, EV_STATE, EV_FAILURE, EV_RELEASE = 1, 2, 3, 4, 5
@@ -48,8 +46,10 @@ ERRORS = {"REFUSED": "ECONNREFUSED", "TIMEOUT": "ETIMEDOUT", "UNREACHABLE": "EHO
           "RESET_RECEIVED": "ECONNRESET", "RESET_SENT": "ECONNRESET",
           "ABORTED": "ECONNABORTED"}
 TRACEFS = Path("/sys/kernel/tracing")
+V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 OWNER_TTL_NS = 2_000_000_000
 OWNER_CACHE = 4096
+ENDED_MEMORY = 4096  # TCP cookies remembered after END, to drop a START that raced it
 UdpKey = tuple[int, bytes, int, int]  # cookie, remote address (16 bytes), remote port, family
 
 
@@ -142,12 +142,12 @@ def available() -> tuple[bool, str]:
 
 
 def _address(raw: bytes, family: int) -> tuple[str, str]:
+    """(ECS network.type, text) of a kernel address; IPv4-mapped IPv6 becomes IPv4."""
     if family == AF_INET:
-        return "ipv4", str(ipaddress.IPv4Address(raw[:4]))
-    addr = ipaddress.IPv6Address(raw)
-    if addr.ipv4_mapped is not None:
-        return "ipv4", str(addr.ipv4_mapped)
-    return "ipv6", str(addr)
+        return "ipv4", socket.inet_ntop(socket.AF_INET, raw[:4])
+    if raw[:12] == V4_MAPPED_PREFIX:
+        return "ipv4", socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return "ipv6", socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 def endpoints(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> Endpoints:
@@ -200,7 +200,7 @@ class EbpfSensor:
         self._owners: OrderedDict[tuple[Any, ...], tuple[int, dict[str, Any]]] = OrderedDict()
         self._drops: tuple[int, ...] = (0,) * len(DROP_FIELDS)
         self._pending: list[Event] = []
-        self._attached: list[tuple[Any, int]] = []
+        self._links: list[int] = []  # bpf_link fds of the cgroup programs
         self._cgroup_fd = -1
         self._boot_offset = 0
         self._sync_clock()
@@ -227,20 +227,14 @@ class EbpfSensor:
                     ("skb_ingress", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_INGRESS))
         for name, prog_type, attach_type in programs:
             fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-            BPF.attach_func(fn, self._cgroup_fd, attach_type, BPF_F_ALLOW_MULTI)
-            self._attached.append((fn, attach_type))
+            self._links.append(_cgroup_link(fn.fd, self._cgroup_fd, attach_type))
         self.bpf[b"events"].open_ring_buffer(self._on_event)
 
     def close(self) -> None:
-        """Detach every program and free the maps."""
-        from bcc import BPF
-
-        for fn, attach_type in self._attached:
-            try:
-                BPF.detach_func(fn, self._cgroup_fd, attach_type)
-            except Exception as error:  # bcc raises bare Exception
-                log.warning("detaching %s: %s", fn.name, error)
-        self._attached.clear()
+        """Detach every program (close its link) and free the maps."""
+        for link in self._links:
+            os.close(link)
+        self._links.clear()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
@@ -316,9 +310,10 @@ class EbpfSensor:
                         self._owner(ev.owner))
         elif live.owner is None and ev.owner.pid:
             live.owner = self._owner(ev.owner)
-        self._ended[ev.cookie] = None
-        while len(self._ended) > 4096:
-            self._ended.popitem(last=False)
+        if not failed:  # (a failed socket may connect() again)
+            self._ended[ev.cookie] = None
+            while len(self._ended) > ENDED_MEMORY:
+                self._ended.popitem(last=False)
         reason = end_reason(ev.type, ev.flags, ev.oldstate)
         self._emit("FAILURE" if failed else "END", ev.cookie, live, self._ns(ev.ts_ns),
                    counters=_counters(ev), state="CLOSE",
@@ -378,7 +373,7 @@ class EbpfSensor:
     def _scan_tcp(self, now: int, interval: int) -> None:
         seen: set[int] = set()
         for key, f in _items(self.bpf[b"tcp_flows"]):
-            cookie = getattr(key, "value", key)  # batch lookups give ints, items() c_uint64
+            cookie = int(key)  # batch lookups give plain ints for integer keys
             seen.add(cookie)
             live = self._tcp.get(cookie)
             if live is None:
@@ -556,12 +551,24 @@ def _udp_counters(v: Any) -> tuple[int, ...]:
     return (v.tx_bytes, v.rx_bytes, v.tx_pkts, v.rx_pkts)
 
 
-def _items(table: Any) -> Iterator[tuple[Any, Any]]:
-    """All entries of a BPF hash map, in one batch syscall when the kernel allows it."""
-    try:
-        yield from list(table.items_lookup_batch())
-    except Exception:  # bcc raises bare Exception when batch lookups are unsupported
-        yield from list(table.items())
+def _cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
+    """Attach a program to a cgroup through a bpf_link (libbpf, which bcc itself loads).
+
+    Unlike BPF_PROG_ATTACH, a link goes away with its last file descriptor, so a sensor that
+    dies (even by SIGKILL) leaves nothing attached; links also coexist with other programs
+    on the same cgroup (another sensor, systemd) like BPF_F_ALLOW_MULTI.
+    """
+    libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
+    libbpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
+    fd = libbpf.bpf_link_create(prog_fd, cgroup_fd, attach_type, None)
+    if fd < 0:
+        raise OSError(-fd, f"bpf_link_create (attach type {attach_type}): {os.strerror(-fd)}")
+    return fd
+
+
+def _items(table: Any) -> list[tuple[Any, Any]]:
+    """All entries of a BPF hash map, read in batches (few syscalls for many flows)."""
+    return list(table.items_lookup_batch())
 
 
 def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Event,

@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fastavro
+import fastavro.validation
 import pytest
 
+import schemas
 from sensor import ebpf
 from sensor.cgroups import cgroup2_root
 from tests.support.capabilities import require, require_root
@@ -149,7 +152,7 @@ class Collector:
 
 
 @contextlib.contextmanager
-def running_sensor() -> Iterator[Collector]:
+def running_sensor(**settings: Any) -> Iterator[Collector]:
     """An eBPF sensor in a thread of this process, attached until the context exits."""
     require_root()
     ok, why = ebpf.available()
@@ -157,7 +160,7 @@ def running_sensor() -> Iterator[Collector]:
     collector = Collector()
     stop = threading.Event()
     options = ebpf.EbpfOptions(host_name="test-host", update_interval_s=UPDATE_S,
-                               udp_idle_timeout_s=UDP_IDLE_S)
+                               udp_idle_timeout_s=UDP_IDLE_S, **settings)
 
     def target() -> None:
         try:
@@ -175,6 +178,9 @@ def running_sensor() -> Iterator[Collector]:
         stop.set()
         thread.join(timeout=30)
     assert not thread.is_alive()
+    schema = fastavro.parse_schema(schemas.load("EbpfEvent"))
+    for record in collector.select(lambda r: True):
+        fastavro.validation.validate(record, schema)
     final = collector.select(lambda r: r["type"] == "DROPS")[-1]["drops"]
     assert final == dict.fromkeys(ebpf.DROP_FIELDS, 0)
 
@@ -348,6 +354,22 @@ def test_tcp_updates_for_long_flows(sensor: Collector) -> None:
     assert flow(recs, "END")["bytes_sent"] == n
     s_recs = sensor.select(by_ports(port, lport))
     assert any(r["type"] == "UPDATE" and 0 < r["bytes_received"] < n for r in s_recs)
+
+
+def test_tcp_state_events(sensor: Collector) -> None:
+    with running_sensor(state_events=True) as states:
+        _server, _client, port, lport = tcp_exchange(states, socket.AF_INET, "127.0.0.1",
+                                                     1000, 2000)
+        client = states.wait(by_ports(lport, port), count=4)
+        server = states.wait(by_ports(port, lport), count=4)
+    # the client read the server's FIN first (passive close), the server closed actively
+    assert [r["state"] for r in client] == ["ESTABLISHED", "CLOSE_WAIT", "LAST_ACK", "CLOSE"]
+    assert [r["state"] for r in server] == ["ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "CLOSE"]
+    assert [r["type"] for r in client] == ["START", "STATE", "STATE", "END"]
+    assert client[1]["previous_state"] == "ESTABLISHED"
+    assert [(r["bytes_sent"], r["bytes_received"]) for r in client[1:]] == [(1000, 2000)] * 3
+    assert [(r["bytes_sent"], r["bytes_received"]) for r in server[1:]] == [(2000, 1000)] * 3
+    assert not sensor.select(lambda r: r["type"] == "STATE")  # off by default
 
 
 # ---- UDP --------------------------------------------------------------------------------

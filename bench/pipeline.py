@@ -1,0 +1,292 @@
+"""Items 3b, 4 and 5 on the local stack: the stream worker's events/s against a bare Kafka
+consumer reading the same records; close-to-END latency; sensor and worker memory with 1k,
+10k and 100k live loopback connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+import schemas
+from bench import traffic
+from bench.common import PYTHON, REPO, Item, fmt, new_port
+from bench.stack import METRICS_PORT, WEB_PORT, LocalStack, Offsets, latest_drops, metric, start
+from packetless.kafka import Publisher
+from packetless.serde import Codec
+from packetless.topics import topic_name
+
+HOST = "bench-synthetic"
+
+
+# ---- 3b: worker throughput ---------------------------------------------------------------
+
+def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
+    """START and END of both sockets (client, server) of ``n_flows`` flows, as raw.ebpf records."""
+    base = {f["name"]: f.get("default") for f in schemas.load("EbpfEvent")["fields"]}
+    now = time.time_ns()
+    out = []
+    for i in range(n_flows):
+        cport, sport = 32768 + i % 28000, 8000 + i // 28000
+        cip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+        for side, cookie, lip, lport, rip, rport in (
+                ("CLIENT", 2 * i + 1, cip, cport, "10.255.0.1", sport),
+                ("SERVER", 2 * i + 2, "10.255.0.1", sport, cip, cport)):
+            for kind in ("START", "END"):
+                rec = dict(base)
+                ts = now + (1_000_000 if kind == "END" else 0)
+                rec.update(event_id=f"{cookie}-{kind}", type=kind, host_name=HOST, boot_id="bench",
+                           cookie=cookie, timestamp_ns=ts, start_ns=now, transport="tcp",
+                           family="ipv4", role=side, local_ip=lip, local_port=lport,
+                           remote_ip=rip, remote_port=rport, bytes_sent=100 + i,
+                           bytes_received=200 + i, packets_sent=3, packets_received=3,
+                           state="CLOSE" if kind == "END" else "ESTABLISHED")
+                if kind == "END":
+                    rec.update(duration_ns=ts - now, reason="CLOSED", previous_state="FIN_WAIT2")
+                out.append((f"{HOST}:{cookie}", rec))
+    return out
+
+
+def _read_all(settings: Any, n: int, decode: bool, max_s: float) -> float:
+    """Records per second of a bare confluent-kafka consumer reading ``n`` raw.ebpf records."""
+    consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-bare-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    codec = Codec(settings) if decode else None
+    consumer.subscribe([topic_name(settings, "raw.ebpf")])
+    got, first, last = 0, 0.0, 0.0
+    deadline = time.monotonic() + max_s
+    try:
+        while got < n and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 1.0):
+                if msg.error():
+                    continue
+                if not got:
+                    first = time.monotonic()
+                if codec is not None:
+                    codec.decode("raw.ebpf", msg.value())
+                got += 1
+                last = time.monotonic()
+    finally:
+        consumer.close()
+    return got / (last - first) if got > 1 and last > first else 0.0
+
+
+def worker_rate(run_dir: Path, quick: bool) -> Item:
+    item = Item("3b. Capacity: stream worker events/s vs a bare Kafka consumer (ceiling)")
+    n_flows = 2000 if quick else 10000
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack = start(run_dir / "stack-nosensor", sensor=False)
+    item.commands.append(stack.command)
+    try:
+        offsets = Offsets(stack.settings)
+        records = synthetic(n_flows)
+        publisher = Publisher(stack.settings)
+        worker_proc = stack.process("streams")
+        cpu0 = sum(worker_proc.cpu_times()[:2])
+        t0 = time.monotonic()
+        for key, rec in records:
+            publisher.send("raw.ebpf", key, rec)
+        publisher.flush(120)
+        produced_s = time.monotonic() - t0
+        outputs, grew, settled = offsets.settle("flows", quiet_s=10, max_s=180 if quick else 900)
+        worker = len(records) / (grew - t0)
+        worker_cpu = sum(worker_proc.cpu_times()[:2]) - cpu0
+        bare = _read_all(stack.settings, len(records), False, 300)
+        decoding = _read_all(stack.settings, len(records), True, 300)
+        lag = metric(WEB_PORT, "packetless_streams_consumer_lag")
+        offsets.close()
+    finally:
+        stack.stop()
+    n = len(records)
+    item.tables.append((["reader", "raw.ebpf records", "records/s", "ratio to bare consumer"], [
+        ["bare confluent-kafka consumer", str(n), fmt(bare, 0), "1.000"],
+        ["confluent-kafka consumer + Avro decode (Codec)", str(n), fmt(decoding, 0),
+         fmt(decoding / bare if bare else None, 3)],
+        ["packetless stream worker (raw -> flows, ECS, OCSF, windows)", str(n), fmt(worker, 0),
+         fmt(worker / bare if bare else None, 3)],
+    ]))
+    item.notes.append(f"{n_flows} synthetic flows, both sockets, START and END: {n} records "
+                      f"produced in {produced_s:.1f} s through packetless.kafka.Publisher; the "
+                      f"worker wrote {outputs} flow events (expected {2 * n_flows}: START and "
+                      f"END per flow){'' if settled else ', still growing at the time limit'}; "
+                      "its time runs from the first record produced to the last flow event "
+                      "(includes the 2 s END grace); consumer lag at the end: "
+                      f"{fmt(lag, 0)}; the worker used {worker_cpu:.1f} CPU s meanwhile: "
+                      f"{n / worker_cpu if worker_cpu else 0:,.0f} records per CPU second")
+    return item
+
+
+# ---- 4 and 5 on a stack with the sensor ----------------------------------------------------
+
+class FlowWatcher(threading.Thread):
+    """Follows packetless.flows from its end, noting when each END for ``server_port`` arrives."""
+
+    def __init__(self, stack: LocalStack, server_port: int) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.server_port = server_port
+        self.arrivals: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        settings = self.stack.settings
+        codec = Codec(settings)
+        name = topic_name(settings, "flows")
+        consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-lat-{os.getpid()}",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+        parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+        consumer.assign([TopicPartition(name, p, OFFSET_END) for p in parts])
+        try:
+            while not self.stop.is_set():
+                for msg in consumer.consume(100, 0.1):
+                    if msg.error():
+                        continue
+                    now = time.time_ns()
+                    rec = codec.decode("flows", msg.value())
+                    if rec and rec["type"] == "END" and rec["server"]["port"] == self.server_port:
+                        self.arrivals.setdefault(rec["client"]["port"], now)
+                if consumer.assignment() and not self.ready.is_set():
+                    self.ready.set()
+        finally:
+            consumer.close()
+
+
+def _spawn(argv: list[str], log: Path, stdin: int | None = None) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=stdin, cwd=REPO)
+
+
+def _wait_text(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def latency(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
+    item = Item("4. Latency: socket close -> END record on packetless.flows (local stack)")
+    count, rate = (60, 20.0) if quick else (300, 20.0)
+    port = new_port()
+    server_log = run_dir / "lat-server.log"
+    server = _spawn([PYTHON, "-m", "bench.traffic", "server", str(port)], server_log)
+    watcher = FlowWatcher(stack, port)
+    try:
+        _wait_text(server_log, "ready", server, 30)
+        watcher.start()
+        watcher.ready.wait(30)
+        out = run_dir / "latency.json"
+        subprocess.run([PYTHON, "-m", "bench.traffic", "latency", str(port), str(out), str(count),
+                        str(rate)], cwd=REPO, check=True, timeout=count / rate + 120)
+        closes = {c["client_port"]: c["closed_ns"] for c in json.loads(out.read_text())}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not closes.keys() <= watcher.arrivals.keys():
+            time.sleep(0.5)
+    finally:
+        watcher.stop.set()
+        server.terminate()
+        server.wait(10)
+    lat = sorted((watcher.arrivals[p] - t) / 1e6 for p, t in closes.items()
+                 if p in watcher.arrivals)
+    p50 = statistics.median(lat) if lat else None
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
+    item.tables.append((["connections", "END received", "p50 ms", "p99 ms", "max ms"], [
+        [str(len(closes)), str(len(lat)), fmt(p50, 0), fmt(p99, 0), fmt(lat[-1] if lat else None, 0)]]))
+    item.notes.append(f"{count} connections at {rate:g}/s (100 bytes each way), client closes "
+                      "first; latency = arrival of the END (decoded) at a consumer of "
+                      "packetless.flows - the client's close(); the worker waits for both ends "
+                      "(or the 2 s END grace) and runs on 1 s ticks")
+    item.commands.append(f"python -m bench.traffic latency PORT OUT {count} {rate:g}")
+    return item
+
+
+def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
+    item = Item("5. Memory: sensor and worker RSS with live loopback connections")
+    levels = (1000, 10000) if quick else (1000, 10000, 100000)
+    offsets = Offsets(stack.settings)
+    holders: list[subprocess.Popen[bytes]] = []
+    rows = []
+    held = 0
+    try:
+        for n in levels:
+            t0 = time.monotonic()
+            while held < n and time.monotonic() - t0 < 900:
+                chunk = min(traffic.HOLD_CHUNK, n - held)
+                log = run_dir / f"hold-{len(holders)}.log"
+                proc = _spawn([PYTHON, "-m", "bench.traffic", "hold", str(new_port()),
+                               str(chunk)], log, stdin=subprocess.PIPE)
+                holders.append(proc)
+                if not _wait_text(log, f"held {chunk}", proc, 600):
+                    item.notes.append(f"a holder failed: {log.read_text()[-300:]}")
+                    break
+                held += chunk
+            opened_s = time.monotonic() - t0
+            _, _, raw_settled = offsets.settle("raw.ebpf", quiet_s=10, max_s=600)
+            _, _, settled = offsets.settle("flows", quiet_s=10, max_s=300)
+            sensor, worker = stack.process("sensor"), stack.process("streams")
+            drops = latest_drops(stack.settings)
+            rows.append([f"{held:,}", fmt(opened_s, 0),
+                         fmt(sensor.memory_info().rss / 2**20, 0),
+                         fmt(worker.memory_info().rss / 2**20, 0),
+                         fmt(metric(WEB_PORT, "packetless_streams_table_keys", 'table="flows"'), 0),
+                         fmt(metric(METRICS_PORT, "packetless_sensor_lost_events_total"), 0),
+                         str(drops.get("tcp_map_full", "-")), str(drops.get("owner_map_full", "-")),
+                         "yes" if raw_settled and settled else "no",
+                         fmt(time.monotonic() - t0, 0)])
+            if held < n:
+                break
+    finally:
+        offsets.close()
+        for proc in holders:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in holders:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    item.tables.append((["live connections", "open s", "sensor RSS MiB", "worker RSS MiB",
+                         "worker flows table keys", "sensor ring losses", "tcp map full",
+                         "owner map full", "settled", "level s"], rows))
+    item.notes.append("each connection is 2 sockets (client and accepted), each has read or "
+                      "written 1 byte; held by processes of 9,000 connections (RLIMIT_NOFILE "
+                      "is capped at 20,000 here); RSS measured once raw.ebpf and "
+                      "packetless.flows stopped growing for 10 s (at most 600 s and 300 s); the "
+                      "sensor's default map holds 65,536 TCP sockets (tcp_entries), i.e. 32,768 "
+                      "loopback connections")
+    item.commands.append("python -m bench.traffic hold PORT COUNT (one process per 9,000)")
+    return item
+
+
+def with_sensor(run_dir: Path, quick: bool, lat: bool = True, mem: bool = True) -> list[Item]:
+    """Items 4 and/or 5 on one stack started with the sensor."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack = start(run_dir / "stack-sensor", sensor=True)
+    items = []
+    try:
+        for wanted, fn in ((lat, latency), (mem, memory)):
+            if wanted:
+                try:
+                    items.append(fn(stack, run_dir, quick))
+                except Exception as exc:  # the other item still runs; the report says why
+                    failed = Item(f"{fn.__name__} (FAILED)", notes=[f"error: {exc!r}"],
+                                  targets=[("item ran", False)])
+                    items.append(failed)
+        for it in items:
+            it.commands.insert(0, stack.command)
+        return items
+    finally:
+        stack.stop()

@@ -1,0 +1,165 @@
+"""The local stack for the benchmarks (``packetless up --detach`` on private ports and a private
+data dir; ``packetless down``), and Kafka look-ups on it: topic sizes, readiness.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from confluent_kafka import Consumer, TopicPartition
+
+from bench.common import PYTHON, REPO, new_port
+from packetless.config import Settings
+from packetless.topics import topic_name
+
+WEB_PORT, METRICS_PORT = 6066, 9464  # fixed by ``packetless up``
+
+
+@dataclass
+class LocalStack:
+    """A running stack: its settings and the pids of its parts."""
+
+    data_dir: Path
+    settings: Settings
+    parts: dict[str, int]
+    command: str
+
+    def process(self, part: str) -> psutil.Process:
+        return psutil.Process(self.parts[part])
+
+    def stop(self) -> None:
+        subprocess.run([PYTHON, "-m", "packetless", "down", "--data-dir", str(self.data_dir)],
+                       cwd=REPO, capture_output=True, timeout=180, check=False)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start(data_dir: Path, sensor: bool) -> LocalStack:
+    """``packetless up --detach`` with a fresh data dir; waits until the worker answers."""
+    deadline = time.monotonic() + 300
+    while True:  # another stack on this shared machine may hold them for a while
+        busy = [p for p in (WEB_PORT, METRICS_PORT if sensor else 0) if p and not _port_free(p)]
+        if not busy:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ports {busy} (fixed by 'packetless up') stayed taken by "
+                               "another stack for 300 s")
+        time.sleep(2)
+    kafka, registry = new_port(), new_port()
+    argv = ["packetless", "up", "--detach", "--data-dir", str(data_dir), "--kafka-port",
+            str(kafka), "--registry-port", str(registry)] + ([] if sensor else ["--no-sensor"])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir.parent / f"{data_dir.name}-up.log").open("wb") as log:
+        subprocess.run([PYTHON, "-m", *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                       timeout=900, check=True)
+    info = json.loads((data_dir / "stack.json").read_text())
+    settings = Settings(data_dir=data_dir, bootstrap_servers=f"127.0.0.1:{kafka}",
+                        registry_url=f"http://127.0.0.1:{registry}/apis/ccompat/v7")
+    stack = LocalStack(data_dir, settings, info["parts"], " ".join(argv))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{WEB_PORT}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return stack
+        except OSError:
+            pass
+        time.sleep(1)
+    stack.stop()
+    raise RuntimeError("the stream worker did not become healthy within 180 s")
+
+
+def metric(port: int, name: str, labels: str = "") -> float | None:
+    """One value from a Prometheus endpoint on 127.0.0.1 (first sample whose line matches)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line and not line.startswith("#"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+class Offsets:
+    """High watermarks of topics of the stack (sum over partitions)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer = Consumer({**settings.kafka_config(), "group.id": "bench-offsets",
+                                  "enable.auto.commit": False})
+
+    def partitions(self, suffix: str) -> list[TopicPartition]:
+        name = topic_name(self.settings, suffix)
+        meta = self.consumer.list_topics(name, timeout=10).topics[name]
+        return [TopicPartition(name, p) for p in meta.partitions]
+
+    def size(self, suffix: str) -> int:
+        return sum(self.consumer.get_watermark_offsets(tp, timeout=10)[1]
+                   for tp in self.partitions(suffix))
+
+    def settle(self, suffix: str, quiet_s: float, max_s: float) -> tuple[int, float, bool]:
+        """Wait until the topic stops growing for ``quiet_s`` (at most ``max_s``); returns its
+        size, the monotonic time it last grew, and whether it settled."""
+        size, grew = self.size(suffix), time.monotonic()
+        deadline = time.monotonic() + max_s
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = self.size(suffix)
+            if now != size:
+                size, grew = now, time.monotonic()
+            elif time.monotonic() - grew >= quiet_s:
+                return size, grew, True
+        return size, grew, False
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def latest_drops(settings: Settings, max_s: float = 60.0) -> dict[str, int]:
+    """The sensor's latest loss counters: the last DROPS record on raw.ebpf."""
+    from confluent_kafka import OFFSET_BEGINNING
+
+    from packetless.serde import Codec
+
+    name = topic_name(settings, "raw.ebpf")
+    consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-drops-{time.time_ns()}",
+                         "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                for p in parts}
+        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
+        last: tuple[int, bytes] | None = None
+        pending = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + max_s
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 1.0):
+                if msg.error():
+                    continue
+                if msg.key() and msg.key().endswith(b":drops") and \
+                        (last is None or msg.timestamp()[1] >= last[0]):
+                    last = (msg.timestamp()[1], msg.value())
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    pending.discard(msg.partition())
+        if last is None:
+            return {}
+        record = Codec(settings).decode("raw.ebpf", last[1]) or {}
+        return record.get("drops") or {}
+    finally:
+        consumer.close()
