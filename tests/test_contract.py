@@ -125,21 +125,25 @@ def test_bad_input_goes_to_the_dlq_and_valid_records_still_pass(settings: Settin
 
     handled: dict[str, dict[str, Any]] = {}
     stop = threading.Event()
+    result: list[Any] = []
 
     def handle(_suffix: str, msg: Any, record: dict[str, Any] | None) -> None:
         handled[msg.key().decode()] = record
-        if len(handled) == 3:
-            stop.set()
 
-    timer = threading.Timer(60, stop.set)
-    timer.start()
-    counts = consume(s, ["raw.ebpf"], f"dlq-test-{os.getpid()}", handle, stop, name="test")
-    timer.cancel()
+    worker = threading.Thread(target=lambda: result.append(
+        consume(s, ["raw.ebpf"], f"dlq-test-{os.getpid()}", handle, stop, name="test")))
+    worker.start()
+    try:
+        dead = read_all(s, "dlq", len(bad), timeout=60)
+        deadline = time.monotonic() + 30
+        while len(handled) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(30)
     assert set(handled) == {"v0", "v1", "v2"}
     assert handled["v2"] == valid[2]
-    assert counts.dead_lettered == len(bad)
-
-    dead = read_all(s, "dlq", len(bad))
+    assert result[0].dead_lettered == len(bad)
     letters = {m.key().decode(): codec.decode("dlq", m.value()) for m in dead}
     assert set(letters) == set(bad)
     for key, letter in letters.items():
