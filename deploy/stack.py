@@ -165,7 +165,7 @@ def start_infrastructure(options: StackOptions, stack: Stack, say: Callable[[str
     stack.info.update(bootstrap_servers=s.bootstrap_servers, registry_url=s.registry_url)
 
 
-def start_workers(options: StackOptions, stack: Stack) -> None:
+def start_workers(options: StackOptions, stack: Stack, say: Callable[[str], None]) -> None:
     """Start the stream worker and, unless disabled, the sensor, against the local stack."""
     s = options.settings
     logs = s.data_dir / "logs"
@@ -175,9 +175,31 @@ def start_workers(options: StackOptions, stack: Stack) -> None:
     stack.parts.append(_spawn("streams", _cli("streams", "--web-port", str(options.web_port)),
                               logs / "streams.log", env))
     if options.sensor:
-        stack.parts.append(_spawn("sensor", _cli("sensor", "--metrics-port",
-                                                 str(options.metrics_port)), logs / "sensor.log", env))
+        status = s.data_dir / "sensor.json"
+        status.unlink(missing_ok=True)
+        say("starting the sensor (compiling the eBPF programs takes a few seconds)")
+        part = _spawn("sensor", _cli("sensor", "--metrics-port", str(options.metrics_port)),
+                      logs / "sensor.log", env)
+        stack.parts.append(part)
+        info = _wait_sensor(part, status, 180)
+        say(f"sensor observing in {info['mode']} mode ({info['why']}), "
+            f"ready after {info['ready_after_s']}s")
+        stack.info.update(sensor_mode=info["mode"])
     stack.info.update(web=f"http://127.0.0.1:{options.web_port}", logs=str(logs))
+
+
+def _wait_sensor(part: Part, status: Path, timeout: float) -> dict[str, object]:
+    """The sensor's status once it observes; StackError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if part.proc.poll() is not None:
+            raise StackError(f"the sensor exited with code {part.proc.returncode}; see {part.log}")
+        if status.exists():
+            info = json.loads(status.read_text() or "{}")
+            if info.get("ready"):
+                return info
+        time.sleep(0.3)
+    raise StackError(f"the sensor was not observing after {timeout:g}s; see {part.log}")
 
 
 def _status(stack: Stack) -> str:
@@ -185,6 +207,7 @@ def _status(stack: Stack) -> str:
     lines = ["", "Packetless is up:"]
     lines += [f"  {p.name:9} pid {p.proc.pid:<8} log {p.log}" for p in stack.parts]
     lines += [f"  Kafka      {info['bootstrap_servers']}", f"  registry   {info['registry_url']}",
+              f"  sensor     {info.get('sensor_mode', 'not started (--no-sensor)')} mode",
               f"  web views  {info['web']}/containers  /pods  /flows  /healthz  /metrics",
               "  watch flows:  packetless tail packetless.flows.ecs",
               "  live table:   packetless top",
@@ -210,7 +233,7 @@ def up(options: StackOptions, say: Callable[[str], None] = _say) -> int:
     try:
         stack.write_state("starting")
         start_infrastructure(options, stack, say)
-        start_workers(options, stack)
+        start_workers(options, stack, say)
         stack.write_state("ready")
         print(_status(stack), file=sys.stderr, flush=True)
         code = 0

@@ -572,8 +572,9 @@ def _items(table: Any) -> list[tuple[Any, Any]]:
 
 
 def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Event,
-        options: EbpfOptions) -> None:
-    """Follow every TCP and UDP flow of the host and ``publish`` raw.ebpf records until ``stop``."""
+        options: EbpfOptions, ready: Callable[[], None] | None = None) -> None:
+    """Follow every TCP and UDP flow of the host and ``publish`` raw.ebpf records until ``stop``;
+    ``ready`` is called once the programs are compiled and attached."""
     ok, why = available()
     if not ok:
         raise RuntimeError(f"eBPF sensor unavailable: {why}")
@@ -581,6 +582,8 @@ def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Eve
     try:
         sensor.load()
         log.info("eBPF sensor attached to %s", options.cgroup_root or cgroup2_root())
+        if ready is not None:
+            ready()
         sensor.run(stop)
     finally:
         sensor.close()

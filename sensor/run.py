@@ -12,8 +12,10 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Gauge, start_http_server
@@ -57,8 +59,9 @@ def choose_mode(requested: str) -> tuple[str, str]:
     return "netlink", f"eBPF unavailable ({why}); falling back to Netlink snapshots"
 
 
-def make_publish(publisher: Publisher) -> Publish:
-    """``publish`` for the parts: counts by type, follows kernel loss reports, sends."""
+def make_publish(publisher: Publisher, on_container: Callable[[str], object]) -> Publish:
+    """``publish`` for the parts: counts by type, follows kernel loss reports, makes sure the
+    metadata of a container first seen in the kernel gets published, sends."""
 
     lost_seen = 0
 
@@ -69,6 +72,8 @@ def make_publish(publisher: Publisher) -> Publish:
             lost = record["drops"]["ring_buffer"]  # cumulative since the sensor started
             LOST.inc(max(0, lost - lost_seen))
             lost_seen = max(lost, lost_seen)
+        if suffix == "raw.ebpf" and record.get("container_id"):
+            on_container(record["container_id"])
         publisher.send(suffix, key, record)
 
     return publish
@@ -81,17 +86,26 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     mode, why = choose_mode(mode)
     print(f"packetless sensor: mode {mode} ({why})", flush=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    (settings.data_dir / "sensor.json").write_text(json.dumps({"mode": mode, "why": why}))
+    status = settings.data_dir / "sensor.json"
+    started = time.monotonic()
+
+    def mark_ready() -> None:
+        took = time.monotonic() - started
+        print(f"packetless sensor: observing ({mode}, ready after {took:.1f}s)", flush=True)
+        write_status(status, {"mode": mode, "why": why, "ready": True,
+                              "ready_after_s": round(took, 1)})
+
+    write_status(status, {"mode": mode, "why": why, "ready": False})
     if metrics_port:
         start_http_server(metrics_port, addr=web_host)
     publisher = Publisher(settings)
-    publish = make_publish(publisher)
     stop = threading.Event()
     cgroups = CgroupResolver()
     cache = ProcessCache(cgroups=cgroups)
     host = settings.host_name
     watcher = containers.ContainerWatcher(
-        publish, containers.ContainerOptions(host_name=host, cgroups=cgroups))
+        lambda *args: publish(*args), containers.ContainerOptions(host_name=host, cgroups=cgroups))
+    publish = make_publish(publisher, watcher.resolve)
     parts = [
         Part("containers", lambda: watcher.run(stop), essential=False),
         Part("processes", lambda: processes.run(
@@ -102,14 +116,16 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     ]
     if mode == "ebpf":
         parts.append(Part("ebpf", lambda: ebpf.run(publish, stop, ebpf.EbpfOptions(
-            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache)),
-            essential=True))
+            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache),
+            ready=mark_ready), essential=True))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     threads = [threading.Thread(target=_guard, args=(p, stop), name=p.name, daemon=True)
                for p in parts]
     for t in threads:
         t.start()
+    if mode == "netlink":
+        mark_ready()
     while not stop.wait(1.0):
         SPOOL.set(getattr(publisher, "spool_bytes", 0))
     for t in threads:
@@ -119,6 +135,13 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         log.error("%d records could not be delivered before exit", left)
     failed = [p for p in parts if p.essential and p.error is not None]
     return 1 if failed else 0
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """Replace the status file atomically (``up`` and tests poll it)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status))
+    tmp.replace(path)
 
 
 def _guard(part: Part, stop: threading.Event) -> None:

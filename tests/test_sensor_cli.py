@@ -1,0 +1,155 @@
+"""``packetless sensor`` as users run it: a separate process publishing to the real broker.
+
+Known loopback traffic must come out of ``packetless.raw.ebpf`` with exact bytes and the right
+processes, and ``--mode netlink`` must publish socket snapshots instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packetless.config import Settings
+from packetless.kafka import consumer
+from packetless.serde import Codec
+from packetless.topics import topic_name
+from tests.conftest import free_port
+from tests.support.capabilities import require_root
+
+pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
+
+
+def sensor_process(settings: Settings, data_dir: Path, *args: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PACKETLESS_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+           "PACKETLESS_REGISTRY_URL": settings.registry_url, "PACKETLESS_DATA_DIR": str(data_dir)}
+    return subprocess.Popen([sys.executable, "-m", "packetless", "sensor", "--metrics-port",
+                             str(free_port()), "--update-interval", "1", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def stopper() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+
+
+def wait_mode(proc: subprocess.Popen[bytes], data_dir: Path, timeout: float = 90) -> dict[str, Any]:
+    """The sensor's status once it observes (eBPF compiles for a few seconds)."""
+    deadline = time.monotonic() + timeout
+    status = data_dir / "sensor.json"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        if status.exists() and (info := json.loads(status.read_text() or "{}")).get("ready"):
+            return info
+        time.sleep(0.2)
+    raise AssertionError("sensor did not start")
+
+
+def exchange(n: int, m: int) -> tuple[int, int]:
+    """A loopback TCP exchange: client sends n bytes, server answers m; returns the ports."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        got = 0
+        while got < n:
+            got += len(conn.recv(65536))
+        conn.sendall(b"s" * m)
+        conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    cli = socket.create_connection(("127.0.0.1", port))
+    client_port = cli.getsockname()[1]
+    cli.sendall(b"c" * n)
+    got = 0
+    while got < m:
+        data = cli.recv(65536)
+        if not data:
+            break
+        got += len(data)
+    cli.close()
+    t.join()
+    srv.close()
+    return client_port, port
+
+
+def records(settings: Settings, suffix: str, match: Any, want: int, timeout: float = 60) -> list[dict]:
+    codec = Codec(settings)
+    cons = consumer(settings, None)
+    cons.subscribe([topic_name(settings, suffix)])
+    found: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(found) < want and time.monotonic() < deadline:
+            msg = cons.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            rec = codec.decode(suffix, msg.value())
+            if rec is not None and match(rec):
+                found.append(rec)
+    finally:
+        cons.close()
+    return found
+
+
+def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
+                                      stopper: list[subprocess.Popen[bytes]]) -> None:
+    require_root()
+    proc = sensor_process(settings, tmp_path, "--mode", "ebpf")
+    stopper.append(proc)
+    assert wait_mode(proc, tmp_path)["mode"] == "ebpf"
+    n, m = 123_457, 76_543
+    client_port, server_port = exchange(n, m)
+
+    def ours(rec: dict) -> bool:
+        return rec["type"] == "END" and {rec["local_port"], rec["remote_port"]} == {client_port,
+                                                                                     server_port}
+
+    ends = records(settings, "raw.ebpf", ours, 2)
+    assert len(ends) == 2, ends
+    by_role = {r["role"]: r for r in ends}
+    assert by_role["CLIENT"]["bytes_sent"] == n and by_role["CLIENT"]["bytes_received"] == m
+    assert by_role["SERVER"]["bytes_sent"] == m and by_role["SERVER"]["bytes_received"] == n
+    for r in ends:
+        assert r["process"]["pid"] == os.getpid()
+        assert r["process"]["uid"] == os.getuid()
+
+
+def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: Path,
+                                                 stopper: list[subprocess.Popen[bytes]]) -> None:
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    cli.sendall(b"x" * 5000)
+    conn.recv(65536)
+    proc = sensor_process(settings, tmp_path, "--mode", "netlink", "--snapshot-interval", "1")
+    stopper.append(proc)
+    assert wait_mode(proc, tmp_path)["mode"] == "netlink"
+
+    def ours(rec: dict) -> bool:
+        sock = rec.get("socket")
+        return bool(sock) and port in (sock.get("local_port"), sock.get("remote_port"))
+
+    snaps = records(settings, "raw.netlink", ours, 2)
+    for s in (cli, conn, srv):
+        s.close()
+    assert len(snaps) >= 2, snaps
+    assert all(s["socket"]["cookie"] for s in snaps)
