@@ -107,13 +107,17 @@ def main(config: Path | None, verbose: int) -> None:
 @_opt("--no-sensor", is_flag=True, default=False, help="Start Kafka, registry and worker only.")
 @_opt("--kafka-port", type=int, default=9092, help="Local broker port (127.0.0.1).")
 @_opt("--registry-port", type=int, default=8081, help="Local registry port (127.0.0.1).")
-def up(settings: Settings, detach: bool, no_sensor: bool, kafka_port: int, registry_port: int) -> None:
+@_opt("--web-port", type=int, default=6066, help="Stream worker's web views (127.0.0.1).")
+@_opt("--metrics-port", type=int, default=9464, help="Sensor's /metrics (127.0.0.1).")
+def up(settings: Settings, detach: bool, no_sensor: bool, kafka_port: int, registry_port: int,
+       web_port: int, metrics_port: int) -> None:
     """Start the embedded local stack: Kafka (KRaft), the schema registry, the sensor and a
     stream worker. Ctrl-C or SIGTERM stops everything."""
     from deploy import stack
 
     options = stack.StackOptions(settings=settings, sensor=not no_sensor,
-                                 kafka_port=kafka_port, registry_port=registry_port)
+                                 kafka_port=kafka_port, registry_port=registry_port,
+                                 web_port=web_port, metrics_port=metrics_port)
     try:
         sys.exit(stack.up_detached(options) if detach else stack.up(options))
     except stack.StackError as exc:
