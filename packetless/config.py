@@ -84,5 +84,5 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError as exc:
         raise ValueError(f"config file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from exc

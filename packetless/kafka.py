@@ -261,7 +261,8 @@ class Publisher:
 
     def _put(self, record: SpoolRecord) -> None:
         assert self._spool is not None
-        if self._spool.put([record]) and self._spool.dropped == 1:
+        first = self._spool.dropped == 0
+        if self._spool.put([record]) and first:
             log.warning("spool %s is full (%d bytes): dropping the oldest records",
                         self._spool.path, self._spool.max_bytes)
         self.spooled += 1

@@ -229,6 +229,9 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
                 code = -struct.unpack_from("=i", data, body)[0]
                 raise OSError(code, f"sock_diag dump: {os.strerror(code)}")
             if msg_type == SOCK_DIAG_BY_FAMILY:
+                if end > len(data) or end - body < _INET_DIAG_MSG.size:
+                    log.warning("skipped a truncated sock_diag message (%d bytes)", end - body)
+                    continue
                 yield _diag_message(data, body, end, family, address_size)
 
 
@@ -243,7 +246,7 @@ def _diag_message(data: bytes, body: int, end: int, family: int,
     offset = body + _INET_DIAG_MSG.size
     while offset + _RTATTR.size <= end:
         attr_len, attr_type = _RTATTR.unpack_from(data, offset)
-        if attr_len < _RTATTR.size:
+        if attr_len < _RTATTR.size or offset + attr_len > end:
             break
         payload = data[offset + _RTATTR.size:offset + attr_len]
         if attr_type == INET_DIAG_INFO:
@@ -251,7 +254,7 @@ def _diag_message(data: bytes, body: int, end: int, family: int,
             msg.tcp_info = _TCP_INFO.unpack(padded)
         elif attr_type == INET_DIAG_CONG:
             msg.congestion = payload.split(b"\0", 1)[0].decode("ascii", "replace")
-        elif attr_type == INET_DIAG_CGROUP_ID:
+        elif attr_type == INET_DIAG_CGROUP_ID and len(payload) >= _U64.size:
             msg.cgroup_id = _U64.unpack_from(payload)[0]
         offset += (attr_len + 3) & ~3
     return msg

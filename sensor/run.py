@@ -98,7 +98,7 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     write_status(status, {"mode": mode, "why": why, "ready": False})
     if metrics_port:
         start_http_server(metrics_port, addr=web_host)
-    publisher = Publisher(settings)
+    publisher = Publisher(settings, spool="sensor")
     stop = threading.Event()
     cgroups = CgroupResolver()
     cache = ProcessCache(cgroups=cgroups)
@@ -127,12 +127,12 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     if mode == "netlink":
         mark_ready()
     while not stop.wait(1.0):
-        SPOOL.set(getattr(publisher, "spool_bytes", 0))
+        SPOOL.set(publisher.spool_bytes)
     for t in threads:
         t.join(timeout=15)
-    left = publisher.flush(30)
+    left = publisher.close()  # what is still undelivered stays in the spool for the next start
     if left:
-        log.error("%d records could not be delivered before exit", left)
+        log.warning("%d records not yet delivered are kept in the spool for the next start", left)
     failed = [p for p in parts if p.essential and p.error is not None]
     return 1 if failed else 0
 
