@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,14 @@ import psutil
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from deploy import maven
+
 KAFKA_VERSION = "4.1.1"
 MIN_JAVA = 17
 DEPLOY_DIR = Path(__file__).resolve().parent
 POM = DEPLOY_DIR / "kafka" / "pom.xml"
 LOG4J_CONFIG = DEPLOY_DIR / "log4j2.properties"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "packetless"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class BrokerError(RuntimeError):
@@ -89,34 +89,7 @@ class BrokerConfig:
 
 
 def _java() -> str:
-    """Path of a `java` of version MIN_JAVA or newer, else a BrokerError saying what to install."""
-    java = shutil.which("java")
-    if java is None:
-        raise BrokerError(
-            f"Java is not installed: Kafka {KAFKA_VERSION} needs Java {MIN_JAVA} or newer "
-            "(apt-get install openjdk-17-jre-headless)"
-        )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    if match is None:
-        raise BrokerError(f"cannot tell the version of {java}: {out.strip()!r}")
-    major = int(match[2]) if match[1] == "1" else int(match[1])
-    if major < MIN_JAVA:
-        raise BrokerError(f"{java} is Java {major}; Kafka {KAFKA_VERSION} needs Java {MIN_JAVA}+")
-    return java
-
-
-def _maven_cause(lines: deque[str]) -> str:
-    """The first [ERROR] line of Maven's output, without its help-page boilerplate."""
-    for line in lines:
-        text = line.removeprefix("[ERROR]").strip()
-        if (
-            line.startswith("[ERROR]")
-            and text
-            and not text.startswith(("->", "[Help", "To see", "Re-run", "For more"))
-        ):
-            return text.removesuffix("-> [Help 1]").strip()
-    return lines[-1] if lines else "no output"
+    return maven.java(MIN_JAVA, f"Kafka {KAFKA_VERSION}", BrokerError)
 
 
 def ensure_fetched(cache_dir: Path, progress: Callable[[str], None]) -> Path:
@@ -135,40 +108,13 @@ def ensure_fetched(cache_dir: Path, progress: Callable[[str], None]) -> Path:
         ):
             return libs
     _java()
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise BrokerError(
-            "Maven (mvn) is not installed; it downloads the Kafka broker from Maven Central "
-            "(apt-get install maven)"
-        )
     staging = home / "libs.partial"
     shutil.rmtree(staging, ignore_errors=True)
     home.mkdir(parents=True, exist_ok=True)
     progress(f"fetching Apache Kafka {KAFKA_VERSION} with Maven into {libs}")
-    cmd = [
-        mvn,
-        "-B",
-        "-Dstyle.color=never",
-        "-f",
-        str(POM),
-        "org.apache.maven.plugins:maven-dependency-plugin:copy-dependencies",
-        f"-DoutputDirectory={staging}",
-    ]
-    tail: deque[str] = deque(maxlen=40)
-    with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, cwd=home
-    ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = _ANSI.sub("", raw).strip()
-            if line.removeprefix("[INFO]").strip():
-                tail.append(line)
-                progress(line.removeprefix("[INFO] "))
-    if proc.returncode != 0:
-        raise BrokerError(
-            f"downloading Kafka {KAFKA_VERSION} with Maven failed (exit {proc.returncode}): "
-            f"{_maven_cause(tail)}"
-        )
+    maven.run(POM, ["org.apache.maven.plugins:maven-dependency-plugin:copy-dependencies",
+                    f"-DoutputDirectory={staging}"], home,
+              f"downloads Kafka {KAFKA_VERSION}", progress, BrokerError)
     jars = sorted(p.name for p in staging.glob("*.jar"))
     if f"kafka_2.13-{KAFKA_VERSION}.jar" not in jars:
         raise BrokerError(f"Maven finished but kafka_2.13-{KAFKA_VERSION}.jar is not in {staging}")

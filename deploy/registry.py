@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+from deploy import maven
 
 APICURIO_VERSION = "2.4.2.Final"
 # Quarkus 2.16, which this release is built on, runs on Java 17.
 MIN_JAVA = 17
 POM = Path(__file__).resolve().parent / "registry" / "pom.xml"
 RUNNER = "apicurio-registry-runner.jar"
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class RegistryError(RuntimeError):
@@ -33,31 +32,7 @@ class RegistryError(RuntimeError):
 
 
 def _java() -> str:
-    """Path of a `java` of version MIN_JAVA or newer, else a RegistryError saying what to install."""
-    java = shutil.which("java")
-    if java is None:
-        raise RegistryError(
-            f"Java is not installed: the schema registry needs Java {MIN_JAVA} "
-            "(apt-get install openjdk-17-jre-headless)"
-        )
-    out = subprocess.run([java, "-version"], capture_output=True, text=True, check=False).stderr
-    match = re.search(r'version "(\d+)(?:\.(\d+))?', out)
-    if match is None:
-        raise RegistryError(f"cannot tell the version of {java}: {out.strip()!r}")
-    major = int(match[2]) if match[1] == "1" else int(match[1])
-    if major < MIN_JAVA:
-        raise RegistryError(f"{java} is Java {major}; the schema registry needs Java {MIN_JAVA}+")
-    return java
-
-
-def _maven_cause(lines: deque[str]) -> str:
-    """The first meaningful [ERROR] line of Maven's output."""
-    for line in lines:
-        text = line.removeprefix("[ERROR]").strip()
-        boilerplate = text.startswith(("->", "[Help", "To see", "Re-run", "For more"))
-        if line.startswith("[ERROR]") and text and not boilerplate:
-            return text.removesuffix("-> [Help 1]").strip()
-    return lines[-1] if lines else "no output"
+    return maven.java(MIN_JAVA, "the schema registry", RegistryError)
 
 
 def ensure_built(cache_dir: Path, progress: Callable[[str], None]) -> Path:
@@ -73,53 +48,13 @@ def ensure_built(cache_dir: Path, progress: Callable[[str], None]) -> Path:
     if built.get("pom_sha256") == pom_sha256:
         return runner
     _java()
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        raise RegistryError(
-            "Maven (mvn) is not installed; it builds the schema registry from Maven Central "
-            "(apt-get install maven)"
-        )
     staging = build.with_name("registry-build.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     progress(f"building Apicurio Registry {APICURIO_VERSION} with Maven into {build}")
     # -DskipDefault turns off the extra repositories Apicurio's parent POM adds (never needed here).
-    cmd = [
-        mvn,
-        "-B",
-        "-Dstyle.color=never",
-        "-DskipDefault",
-        "-f",
-        str(POM),
-        f"-DbuildDirectory={staging}",
-        "package",
-    ]
-    tail: deque[str] = deque(maxlen=40)
-    downloads = 0
-    with subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        cwd=staging.parent,
-    ) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = _ANSI.sub("", raw).strip()
-            if not line.removeprefix("[INFO]").strip():
-                continue
-            tail.append(line)
-            if line.startswith("[INFO] Downloaded from"):
-                downloads += 1
-                if downloads % 100 == 0:
-                    progress(f"registry build: {downloads} files downloaded")
-            elif not line.startswith("[INFO] Downloading from"):
-                progress(line.removeprefix("[INFO] "))
-    if proc.returncode != 0:
-        raise RegistryError(
-            f"building the schema registry with Maven failed (exit {proc.returncode}): {_maven_cause(tail)}"
-        )
+    maven.run(POM, ["-DskipDefault", f"-DbuildDirectory={staging}", "package"], staging.parent,
+              "builds the schema registry", progress, RegistryError)
     if not (staging / RUNNER).is_file():
         raise RegistryError(f"Maven finished but {RUNNER} is not in {staging}")
     shutil.rmtree(build, ignore_errors=True)
