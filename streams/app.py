@@ -41,7 +41,7 @@ from streams.flows import (
     observe,
 )
 from streams.meta import MetaCache
-from streams.raw import Listeners, from_ebpf, from_netlink
+from streams.raw import Listeners, RawDecoder, from_ebpf, from_netlink
 from streams.records import container_of, enrichment, flow_record
 from streams.windows import EntityState, WindowConfig
 
@@ -52,9 +52,19 @@ METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the
 PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
 
 
+# tuning option (CLI keyword / PACKETLESS_<NAME> variable) -> (section, attribute)
+TUNING = {
+    "streams_partitions": (None, "partitions"), "tick_interval": (None, "tick_s"),
+    "active_timeout": ("flow", "active_timeout_s"), "idle_timeout": ("flow", "idle_timeout_s"),
+    "join_delay": ("flow", "join_delay_s"), "end_grace": ("flow", "end_grace_s"),
+    "flow_linger": ("flow", "linger_s"), "window_step": ("windows", "step_s"),
+    "window_hop": ("windows", "hop_s"), "window_grace": ("windows", "grace_s"),
+}
+
+
 @dataclass
 class StreamOptions:
-    """Tuning of the worker; every value can come from ``PACKETLESS_<NAME>``."""
+    """Tuning of the worker (see ``TUNING`` for the option names; seconds unless said)."""
 
     partitions: int = 4  # of the internal repartition topics and the tables
     tick_s: float = 1.0
@@ -63,22 +73,17 @@ class StreamOptions:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> StreamOptions:
-        """Options from ``PACKETLESS_*`` variables, then ``overrides`` (None values ignored)."""
-        env = {**{k.removeprefix("PACKETLESS_").lower(): v for k, v in os.environ.items()
-                  if k.startswith("PACKETLESS_")},
-               **{k: v for k, v in overrides.items() if v is not None}}
+        """Options from ``PACKETLESS_<NAME>`` variables, then ``overrides`` (None ignored)."""
+        values = {name: os.environ[f"PACKETLESS_{name.upper()}"] for name in TUNING
+                  if f"PACKETLESS_{name.upper()}" in os.environ}
+        values.update({k: v for k, v in overrides.items() if v is not None})
         opts = cls()
-        opts.partitions = int(env.get("streams_partitions", opts.partitions))
-        opts.tick_s = float(env.get("tick_interval", opts.tick_s))
-        for name in ("active_timeout_s", "idle_timeout_s", "join_delay_s", "end_grace_s",
-                     "linger_s"):
-            key = name.removesuffix("_s").replace("linger", "flow_linger")
-            if key in env:
-                setattr(opts.flow, name, float(env[key]))
-        for name, key in (("step_s", "window_step"), ("hop_s", "window_hop"),
-                          ("grace_s", "window_grace")):
-            if key in env:
-                setattr(opts.windows, name, float(env[key]))
+        for name, value in values.items():
+            if name not in TUNING:
+                raise TypeError(f"unknown streams option {name!r}; known: {', '.join(TUNING)}")
+            section, attr = TUNING[name]
+            target = getattr(opts, section) if section else opts
+            setattr(target, attr, type(getattr(target, attr))(value))
         return opts
 
 
@@ -96,6 +101,8 @@ class Metrics:
                                     ["type"], registry=r)
         self.windows = PCounter("packetless_streams_window_records",
                                 "ContainerMetrics records emitted", ["entity_type"], registry=r)
+        self.errors = PCounter("packetless_streams_processing_errors",
+                               "Internal records a stage failed on (logged)", ["stage"], registry=r)
         self.late = PCounter("packetless_streams_late_activity",
                              "Activity that arrived after its window was emitted", registry=r)
         self.rate = Gauge("packetless_streams_events_per_second",
@@ -118,6 +125,7 @@ class Worker:
         self.settings = settings
         self.options = options
         self.codec = Codec(settings)
+        self.decoder = RawDecoder(self.codec)
         self.meta = MetaCache()
         self.meta_ready = asyncio.Event()
         self.listeners = Listeners()
@@ -146,8 +154,11 @@ class Worker:
             producer_linger=0.02,  # batch the many small output records
         )
         app = self.app
-        raw = lambda *suffixes: app.topic(*(topic_name(settings, s) for s in suffixes),  # noqa: E731
-                                          key_serializer="raw", value_serializer="raw")
+
+        def raw(*suffixes: str) -> faust.TopicT:
+            return app.topic(*(topic_name(settings, s) for s in suffixes), key_serializer="raw",
+                             value_serializer="raw")
+
         self.raw_topic = raw("raw.ebpf", "raw.netlink")
         self.out = {s: raw(s) for s in ("flows", "flows.ecs", "flows.ocsf", "metrics.containers",
                                         "dlq")}
@@ -178,7 +189,7 @@ class Worker:
             self.metrics.records.labels(suffix).inc()
             self._processed(msg.topic, msg.partition, msg.offset)
             try:
-                record = self.codec.decode(suffix, msg.value)
+                record = self.decoder.decode(suffix, msg.value)
             except DecodeError as exc:
                 await self.dead_letter(msg, exc.kind, exc.reason)
                 continue
@@ -214,16 +225,23 @@ class Worker:
             if event.key == TICK:
                 await self.flows_tick(partition, now)
                 continue
-            obs = Observation.from_dict(event.value)
-            stored = self.flows.get(event.key)
-            state, owed, sock = observe(FlowState.from_dict(stored) if stored else None, obs, now,
-                                        partition)
-            for old, emission in owed:
-                await self.publish_flow(old, emission, now)
-            await self.settle(event.key, state, now)
-            if sock is not None:
-                await self.report(state, sock)
-            self.flows[event.key] = state.to_dict()
+            try:
+                await self.flow_event(event.key, Observation.from_dict(event.value), partition, now)
+            except Exception:  # a bug must not stop the stream; the record is counted and logged
+                self.metrics.errors.labels("flows").inc()
+                log.exception("flows: cannot process %r", event.value)
+
+    async def flow_event(self, key: bytes, obs: Observation, partition: int, now: int) -> None:
+        """Fold one socket observation into its flow; emit and report what follows."""
+        stored = self.flows.get(key)
+        state, owed, sock = observe(FlowState.from_dict(stored) if stored else None, obs, now,
+                                    partition)
+        for old, emission in owed:
+            await self.publish_flow(old, emission, now)
+        await self.settle(key, state, now)
+        if sock is not None:
+            await self.report(state, sock)
+        self.flows[key] = state.to_dict()
 
     async def settle(self, key: bytes, state: FlowState, now: int) -> None:
         """Emit what ``state`` owes now and index when it may next owe something."""
@@ -302,14 +320,18 @@ class Worker:
             if event.key == TICK:
                 await self.windows_tick(partition, now)
                 continue
-            act = Activity(**event.value)
-            stored = self.entities.get(event.key)
-            state = (EntityState.from_dict(stored["state"]) if stored
-                     else EntityState(entity=act.entity, entity_type=act.entity_type))
-            self._describe(state, act.container_id)
-            if not state.apply(act, self.options.windows):
-                self.metrics.late.inc()
-            self.entities[event.key] = {"partition": partition, "state": state.to_dict()}
+            try:
+                act = Activity(**event.value)
+                stored = self.entities.get(event.key)
+                state = (EntityState.from_dict(stored["state"]) if stored
+                         else EntityState(entity=act.entity, entity_type=act.entity_type))
+                self._describe(state, act.container_id)
+                if not state.apply(act, self.options.windows):
+                    self.metrics.late.inc()
+                self.entities[event.key] = {"partition": partition, "state": state.to_dict()}
+            except Exception:  # a bug must not stop the stream; the record is counted and logged
+                self.metrics.errors.labels("windows").inc()
+                log.exception("windows: cannot process %r", event.value)
 
     def _describe(self, state: EntityState, container_id: str) -> None:
         ref = self.meta.container_ref(container_id) or {}
@@ -323,6 +345,8 @@ class Worker:
         mine = [(k, v) for k, v in self.entities.items() if v and v["partition"] == partition]
         for key, stored in mine:
             state = EntityState.from_dict(stored["state"])
+            if state.entity_type == "CONTAINER":  # metadata may have come after the activity
+                self._describe(state, state.entity)
             for rec in state.close(now, self.options.windows):
                 self.metrics.windows.labels(rec["entity_type"]).inc()
                 await self.out["metrics.containers"].send(
@@ -386,7 +410,7 @@ class Worker:
     def _metadata(self, names: dict[str, str], msg: Any) -> None:
         suffix = next(s for s, n in names.items() if n == msg.topic)
         try:
-            record = self.codec.decode(suffix, msg.value)
+            record = self.decoder.decode(suffix, msg.value)
         except DecodeError as exc:
             log.warning("%s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc.reason)
             return
@@ -440,8 +464,10 @@ class Worker:
             rec["active"] = not state.ended
             flows.append(rec)
         flows.sort(key=lambda r: -r["timestamp_ms"])
-        return web.json({"flows": flows[:1000], "partial": len(self.app.assignor.assigned_actives())
-                         < 2 * self.options.partitions})
+        mine = {tp.partition for tp in self.app.assignor.assigned_actives()
+                if tp.topic == self.sockets_topic.get_topic_name()}
+        return web.json({"flows": flows[:1000],
+                         "partial": len(mine) < self.options.partitions})
 
     async def view_health(self, web: Any, request: Any) -> Any:
         ok = self.meta_ready.is_set()

@@ -53,8 +53,7 @@ def _container(ref: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _endpoint(end: dict[str, Any], host: str) -> dict[str, Any]:
     return {"ip": end["ip"], "port": end["port"], "hostname": host if end["local"] else None,
-            "container": _container(end["container"]),
-            "namespace_pid": None}
+            "container": _container(end["container"])}
 
 
 def events(flow: dict[str, Any]) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.kafka
 FIXTURE = Path(__file__).parent / "fixtures" / "streams_scenario.json"
 STEP_MS, HOP_MS = 2000, 6000
 TUNING = {"PACKETLESS_WINDOW_STEP": "2", "PACKETLESS_WINDOW_HOP": "6",
-          "PACKETLESS_WINDOW_GRACE": "2", "PACKETLESS_ACTIVE_TIMEOUT": "2",
+          "PACKETLESS_WINDOW_GRACE": "5", "PACKETLESS_ACTIVE_TIMEOUT": "2",
           "PACKETLESS_JOIN_DELAY": "1", "PACKETLESS_END_GRACE": "1",
           "PACKETLESS_IDLE_TIMEOUT": "120", "PACKETLESS_FLOW_LINGER": "60",
           "PACKETLESS_TICK_INTERVAL": "0.5", "PACKETLESS_STREAMS_PARTITIONS": "2"}
@@ -396,6 +396,7 @@ def check_web(worker: StreamWorker) -> None:
     assert 'packetless_streams_records_total{topic="raw.ebpf"}' in metrics
     assert "packetless_streams_dead_letters_total" in metrics
     assert "packetless_streams_consumer_lag" in metrics
+    assert "packetless_streams_late_activity_total 0.0" in metrics  # nothing missed its window
 
 
 def test_sigkill_restart_emits_owed_end(stack_settings: Settings, tmp_path: Path) -> None:
@@ -435,3 +436,25 @@ def test_sigkill_restart_emits_owed_end(stack_settings: Settings, tmp_path: Path
     finally:
         worker.stop()
         readers["flows"].close()
+
+
+def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:
+    """The worker's fastavro fast path decodes exactly as the registry-backed Codec, and hands
+    bad bytes to Codec's classification."""
+    from packetless.serde import DecodeError
+    from streams.raw import RawDecoder
+
+    codec = Codec(stack_settings)
+    fast = RawDecoder(codec)
+    fixture = json.loads(FIXTURE.read_text())
+    for rec in fixture["raw"] + fixture["meta"]:
+        data = codec.encode(rec["topic"], rec["value"])
+        assert fast.decode(rec["topic"], data) == codec.decode(rec["topic"], data) == rec["value"]
+    for garbage, kind in ((b"xyz", "not_avro"), (b"\x01\x00\x00\x00\x01\x02", "bad_magic"),
+                          (b"\x00\x7f\xff\xff\xf0\x02", "unknown_schema")):
+        with pytest.raises(DecodeError) as err:
+            fast.decode("raw.ebpf", garbage)
+        assert err.value.kind == kind
+    data = codec.encode("raw.ebpf", fixture["raw"][0]["value"])
+    with pytest.raises(DecodeError):
+        fast.decode("raw.ebpf", data[:12])

@@ -11,7 +11,17 @@ import pytest
 
 import schemas
 from streams import ecs, ocsf
-from streams.flows import Emission, FlowConfig, FlowState, Observation, activity, due, observe
+from streams.flows import (
+    Emission,
+    FlowConfig,
+    FlowState,
+    Observation,
+    activity,
+    due,
+    expired,
+    next_due,
+    observe,
+)
 from streams.meta import MetaCache
 from streams.records import community_id, flow_record
 from streams.windows import EntityState, RttAgg, WindowConfig
@@ -290,3 +300,35 @@ def test_activity_for_container_and_pod() -> None:
         e.apply(a, cfg)
     for rec in e.close(T0 // 1_000_000 + 100_000, cfg):
         fastavro.validate(rec, cm, strict=True)
+
+
+def test_late_metadata_reemits_and_next_due() -> None:
+    state = None
+    for o in loopback_flow()[:2]:
+        state, _, _ = observe(state, o, 0)
+    assert [e.type for e in due(state, 0, CFG, "sig-unknown")] == ["START"]
+    assert next_due(state, CFG) == CFG.idle_timeout_s * 1000  # nothing else pending
+    assert [e.type for e in due(state, 500, CFG, "sig-known")] == ["UPDATE"]
+    for o in loopback_flow()[4:]:
+        state, _, _ = observe(state, o, 1000)
+    assert [e.type for e in due(state, 1000, CFG, "sig-known")] == ["END"]
+    assert next_due(state, CFG) == 1000 + CFG.linger_s * 1000
+    assert [e.type for e in due(state, 2000, CFG, "sig-more")] == ["END"]  # corrected END
+    assert expired(state, 1000 + CFG.linger_s * 1000, CFG)
+
+
+def test_udp_flow_restarting_on_the_same_socket_is_a_new_flow() -> None:
+    def udp(kind: str, t_ms: int, sent: int) -> Observation:
+        return obs(7, "client", kind, t_ms, sent, 0, transport="udp", srtt_us=None,
+                   state=None, closed=kind == "END")
+
+    state = None
+    for o in (udp("START", 0, 10), udp("END", 30_000, 50)):
+        state, _, _ = observe(state, o, 0)
+    due(state, 5000, CFG)  # after the end grace: no other end showed up
+    assert state.ended
+    first = state.flow_id
+    state, owed, sock = observe(state, udp("START", 60_000, 5), 1)
+    assert owed == [] and state.flow_id != first and sock is not None and sock.bytes_sent == 5
+    state, _, sock = observe(state, udp("END", 30_000, 50), 1)  # late event of the first flow
+    assert sock is None and state.sockets["7"].bytes_sent == 5
