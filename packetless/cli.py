@@ -158,6 +158,16 @@ def sensor(settings: Settings, **options: Any) -> None:
 @_opt("--web-port", type=int, default=6066, help="Port of the web views and /metrics.")
 @_opt("--web-host", default="127.0.0.1", help="Address of the web views.")
 @_opt("--workers-group", default="packetless-streams", help="Consumer group / Faust app id.")
+@_opt("--streams-partitions", type=int, default=None, help="Partitions of internal topics [4].")
+@_opt("--tick-interval", type=float, default=None, help="Seconds between timeout checks [1].")
+@_opt("--active-timeout", type=float, default=None, help="UPDATE of a live flow every S seconds [10].")
+@_opt("--idle-timeout", type=float, default=None, help="END a flow silent for S seconds [300].")
+@_opt("--join-delay", type=float, default=None, help="START waits S seconds for the other end [2].")
+@_opt("--end-grace", type=float, default=None, help="END waits S seconds for the other end [2].")
+@_opt("--flow-linger", type=float, default=None, help="Keep an ended flow S seconds for late events [30].")
+@_opt("--window-step", type=float, default=None, help="Tumbling window / hop step, seconds [10].")
+@_opt("--window-hop", type=float, default=None, help="Hopping window size, seconds [60].")
+@_opt("--window-grace", type=float, default=None, help="Late activity accepted for S seconds [5].")
 def streams(settings: Settings, **options: Any) -> None:
     """Run one Faust stream worker against any Kafka."""
     from streams import app

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,11 +71,9 @@ class StreamOptions:
     windows: WindowConfig = field(default_factory=WindowConfig)
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> StreamOptions:
-        """Options from ``PACKETLESS_<NAME>`` variables, then ``overrides`` (None ignored)."""
-        values = {name: os.environ[f"PACKETLESS_{name.upper()}"] for name in TUNING
-                  if f"PACKETLESS_{name.upper()}" in os.environ}
-        values.update({k: v for k, v in overrides.items() if v is not None})
+    def from_options(cls, **overrides: Any) -> StreamOptions:
+        """Defaults, then the command's tuning options (None ignored)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
         opts = cls()
         for name, value in values.items():
             if name not in TUNING:
@@ -93,7 +90,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.records = PCounter("packetless_streams_records", "Input records read, by topic",
+        self.records = PCounter("packetless_streams_events", "Input records read, by topic",
                                 ["topic"], registry=r)
         self.dead = PCounter("packetless_streams_dead_letters", "Records sent to the DLQ",
                              ["error_type"], registry=r)
@@ -113,8 +110,25 @@ class Metrics:
                             ["table"], registry=r)
         self.meta = Gauge("packetless_streams_metadata_entries", "Known containers, processes",
                           ["kind"], registry=r)
+        self.container_rtt = Gauge("packetless_container_rtt_seconds",
+                                   "RTT of a container's TCP flows in its last closed 10 s window",
+                                   ["container", "quantile", "role"], registry=r)
+        self.container_bytes = PCounter("packetless_container_bytes",
+                                        "Payload bytes of a container's flows, by closed window",
+                                        ["container", "direction"], registry=r)
         self.processed: deque[tuple[float, int]] = deque(maxlen=20)
         self.total = 0
+
+    def observe_window(self, record: dict[str, Any]) -> None:
+        """Per-container series from a closed tumbling ContainerMetrics window."""
+        name = record["name"] or record["entity_id"][:12]
+        self.container_bytes.labels(name, "in").inc(record["bytes_in"])
+        self.container_bytes.labels(name, "out").inc(record["bytes_out"])
+        for role in ("client", "server"):
+            stats = record[f"rtt_as_{role}"]
+            for quantile, field_name in (("0.5", "p50_us"), ("0.95", "p95_us"), ("0.99", "p99_us")):
+                if stats[field_name] is not None:
+                    self.container_rtt.labels(name, quantile, role).set(stats[field_name] / 1e6)
 
 
 class Worker:
@@ -425,6 +439,8 @@ class Worker:
             entry = self.latest.setdefault((record["entity_type"], record["entity_id"]), {})
             if record["window_end_ms"] >= entry.get(kind, {}).get("window_end_ms", 0):
                 entry[kind] = record
+                if kind == "tumbling" and record["entity_type"] == "CONTAINER":
+                    self.metrics.observe_window(record)
 
     # -- web views
 
@@ -559,7 +575,7 @@ def _aiokafka_security(settings: Settings) -> dict[str, Any]:
 def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
          workers_group: str = "packetless-streams", **tuning: Any) -> int:
     """Run one worker until SIGINT/SIGTERM; returns the exit code."""
-    options = StreamOptions.from_env(**tuning)
+    options = StreamOptions.from_options(**tuning)
     logging.getLogger("communityid").setLevel(logging.WARNING)  # it logs every computation
     ensure_topics(settings)
     ensure_schemas(Codec(settings))

@@ -24,10 +24,12 @@ def free_port() -> int:
 
 
 def free_port_pair() -> int:
-    """A port p such that p and p + 1 (the controller) are both free."""
-    for _ in range(50):
+    """A port p such that p and p + 1 (the controller) are both free to listen on (servers set
+    SO_REUSEADDR, so ports held only by TIME-WAIT connections count as free)."""
+    for _ in range(200):
         p = free_port()
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", p + 1))
                 return p
