@@ -3,6 +3,7 @@ project's own deploy code, on free loopback ports, in a temporary data dir)."""
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 from collections.abc import Iterator
@@ -17,25 +18,37 @@ from tests.support.capabilities import require
 pytest_plugins = ["tests.support.docker"]
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _ephemeral_range() -> range:
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return range(int(low), int(high) + 1)
+
+
+def free_port(count: int = 1) -> int:
+    """A port p such that p .. p + count - 1 are free to listen on, chosen below the ephemeral
+    range so that client connections of a busy host (TIME-WAIT) cannot take it meanwhile."""
+    ephemeral = _ephemeral_range()
+    candidates = [p for p in range(10000, 65535 - count) if p not in ephemeral
+                  and p + count - 1 not in ephemeral]
+    for _ in range(500):
+        p = random.choice(candidates)
+        if all(_bindable(p + i) for i in range(count)):
+            return p
+    raise RuntimeError("no free port outside the ephemeral range")
 
 
 def free_port_pair() -> int:
-    """A port p such that p and p + 1 (the controller) are both free to listen on (servers set
-    SO_REUSEADDR, so ports held only by TIME-WAIT connections count as free)."""
-    for _ in range(200):
-        p = free_port()
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", p + 1))
-                return p
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
+    """A port p such that p and p + 1 (the Kafka controller) are both free."""
+    return free_port(2)
 
 
 def start_stack(data_dir: Path, kafka_port: int | None = None,
