@@ -34,7 +34,8 @@ def _rtt(stats: dict[str, Any] | None) -> str:
 def table(title: str, entities: list[dict[str, Any]]) -> Table:
     """One rich table of entities as the web views return them."""
     t = Table(title=title, expand=True)
-    for col in COLUMNS:
+    t.add_column(COLUMNS[0], no_wrap=True)
+    for col in COLUMNS[1:]:
         t.add_column(col, overflow="fold")
     for e in entities:
         w = e["window"]

@@ -109,13 +109,15 @@ def test_up_flows_from_containers_tail_top_down(stack_up: dict[str, Any], docker
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "220", "-y", "50",
                     f"{sys.executable} -m packetless top --web-url {web} --refresh 1"], check=True)
     try:
+        last = [""]
+
         def screen() -> str | None:
-            text = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
-                                  capture_output=True, text=True).stdout
-            return text if client.name in text and server.name in text else None
+            last[0] = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                     capture_output=True, text=True).stdout
+            return last[0] if client.name in last[0] and server.name in last[0] else None
 
         shown = wait_for(screen, timeout=90)
-        assert shown, "top never showed both containers"
+        assert shown, f"top never showed both containers; last screen:\n{last[0]}"
         assert "Containers" in shown and "RTT" in shown
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
