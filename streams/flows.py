@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from typing import Any
 
 CLIENT, SERVER = "client", "server"
@@ -18,6 +19,7 @@ CLOSED_STATES = frozenset({"CLOSE", "TIME_WAIT"})
 COUNTERS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "retransmits")
 
 
+@lru_cache(maxsize=65536)
 def normalize_ip(ip: str) -> str:
     """The canonical text of ``ip``; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
     try:
@@ -31,6 +33,37 @@ def normalize_ip(ip: str) -> str:
 
 def family_of(ip: str) -> str:
     return "ipv6" if ":" in ip else "ipv4"
+
+
+@lru_cache(maxsize=65536)
+def _network(ip: str) -> str | None:
+    """The /24 (IPv4) or /64 (IPv6) of ``ip``; None for addresses that are always local
+    (loopback, unspecified) or not addresses at all."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if addr.is_loopback or addr.is_unspecified:
+        return None
+    return str(ipaddress.ip_network(f"{ip}/{24 if addr.version == 4 else 64}", strict=False))
+
+
+@dataclass
+class LocalAddresses:
+    """Where the other end of a flow may be a socket of the same host: loopback, and the
+    networks (/24, /64) of addresses seen as local (of local sockets, of containers). A flow
+    whose peer is elsewhere need not wait for the peer's socket (join delay, END grace)."""
+
+    networks: dict[str, set[str]] = field(default_factory=dict)  # host -> networks
+
+    def add(self, host: str, ip: str) -> None:
+        net = _network(ip)
+        if net is not None:
+            self.networks.setdefault(host, set()).add(net)
+
+    def may_be_local(self, host: str, ip: str) -> bool:
+        net = _network(ip)
+        return net is None or net in self.networks.get(host, ())
 
 
 @dataclass
@@ -307,6 +340,14 @@ class FlowState:
     def closed_ns(self) -> int:
         return max((s.closed_ns or s.last_ns for s in self.sockets.values()), default=0)
 
+    def missing_peer(self) -> str | None:
+        """The IP of the endpoint without a known socket (None when both or none are known)."""
+        if len(self.sockets) != 1:
+            return None
+        sock = next(iter(self.sockets.values()))
+        client, server = self.endpoints()
+        return server[0] if (sock.local_ip, sock.local_port) == client else client[0]
+
 
 @dataclass
 class Emission:
@@ -377,9 +418,12 @@ def _emit(state: FlowState, kind: str, now_ms: int, reason: str | None = None) -
     return emission
 
 
-def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "") -> list[Emission]:
+def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "",
+        peer_may_come: bool = True) -> list[Emission]:
     """The events owed by ``state`` at processing time ``now_ms``; ``enrichment`` is the
-    signature of the metadata now known for it (a change triggers an UPDATE)."""
+    signature of the metadata now known for it (a change triggers an UPDATE);
+    ``peer_may_come`` False when the missing end cannot be a local socket (no join delay, no
+    END grace)."""
     out: list[Emission] = []
     if state.ended:
         if len(state.sockets) > state.ended_with or (state.enrichment
@@ -391,12 +435,13 @@ def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "") ->
     age_s = (now_ms - state.seen_ms) / 1000
     if state.all_closed():
         closed_for_s = (now_ms - state.changed_ms) / 1000
-        if state.both_ends() or state.failed or closed_for_s >= cfg.end_grace_s:
+        if (state.both_ends() or state.failed or not peer_may_come
+                or closed_for_s >= cfg.end_grace_s):
             out += finish(state, now_ms, "failed" if state.failed and not state.started else "closed")
     elif (now_ms - state.changed_ms) / 1000 >= cfg.idle_timeout_s:
         out += finish(state, now_ms, "idle")
     elif not state.started:
-        if state.both_ends() or age_s >= cfg.join_delay_s:
+        if state.both_ends() or not peer_may_come or age_s >= cfg.join_delay_s:
             out.append(_emit(state, "START", now_ms))
     elif not any(s.closed for s in state.sockets.values()):  # closing: END comes next
         timed_out = state.dirty and (now_ms - state.emitted_ms) / 1000 >= cfg.active_timeout_s

@@ -393,7 +393,7 @@ def check_web(worker: StreamWorker) -> None:
     flows = worker.get(f"/flows?container={A[:12]}")["flows"]
     assert {f["client"]["port"] for f in flows} == {45678, 45700}
     metrics = worker.get("/metrics").decode()
-    assert 'packetless_streams_records_total{topic="raw.ebpf"}' in metrics
+    assert 'packetless_streams_events_total{topic="raw.ebpf"}' in metrics
     assert "packetless_streams_dead_letters_total" in metrics
     assert "packetless_streams_consumer_lag" in metrics
     assert "packetless_streams_late_activity_total 0.0" in metrics  # nothing missed its window
