@@ -23,12 +23,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _met(met: bool | None) -> str:
+    return "n/a" if met is None else "met" if met else "NOT met"
+
+
 def _text(item: Item) -> list[str]:
     out = [f"## {item.title}", ""]
     for headers, rows in item.tables:
         out += [*_table(headers, rows), ""]
     for text, met in item.targets:
-        out.append(f"- **target** {text}: **{'met' if met else 'NOT met' if met is False else '?'}**")
+        out.append(f"- **target** {text}: **{_met(met)}**")
     out += [f"- {n}" for n in item.notes]
     if item.commands:
         out += ["- commands: " + "; ".join(f"`{c}`" for c in item.commands)]
@@ -45,7 +49,7 @@ def _failed(title: str) -> Item:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter runs (about 6 minutes)")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 12 minutes)")
     parser.add_argument("--items", default="1,2,3,4,5", help="comma-separated item numbers")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args()
@@ -95,7 +99,7 @@ def main() -> int:
     lines += ["## Summary", "", "| item | target | met |", "|---|---|---|"]
     for item in items:
         for text, met in item.targets:
-            lines.append(f"| {item.title} | {text} | {'yes' if met else 'NO'} |")
+            lines.append(f"| {item.title} | {text} | {_met(met)} |")
     lines.append("")
     for item in items:
         lines += _text(item)

@@ -169,7 +169,7 @@ def bpf_program_stats(pid: int) -> dict[str, tuple[int, int]]:
         with contextlib.suppress(OSError):
             fields = dict(line.split(":", 1) for line in fdinfo.read_text().splitlines()
                           if ":" in line)
-            if "prog_id" in fields:
+            if "prog_id" in fields and "run_cnt" in fields:  # a program, not a bpf_link
                 ids[int(fields["prog_id"])] = (int(fields.get("run_cnt", 0)),
                                                int(fields.get("run_time_ns", 0)))
     out: dict[str, tuple[int, int]] = {}

@@ -5,6 +5,7 @@ consumer reading the same records; close-to-END latency; sensor and worker memor
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -14,15 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import fastavro
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
 import schemas
 from bench import traffic
 from bench.common import PYTHON, REPO, Item, fmt, new_port
-from bench.stack import METRICS_PORT, WEB_PORT, LocalStack, Offsets, latest_drops, metric, start
+from bench.stack import (
+    METRICS_PORT,
+    WEB_PORT,
+    LocalStack,
+    Offsets,
+    latest_drops,
+    metric,
+    raw_starts,
+    start,
+    wait_caught_up,
+)
 from packetless.kafka import Publisher
 from packetless.serde import Codec
-from packetless.topics import topic_name
+from packetless.topics import TOPICS, topic_name
 
 HOST = "bench-synthetic"
 
@@ -96,12 +108,14 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
             publisher.send("raw.ebpf", key, rec)
         publisher.flush(120)
         produced_s = time.monotonic() - t0
-        outputs, grew, settled = offsets.settle("flows", quiet_s=10, max_s=180 if quick else 900)
+        limit = 300 if quick else 600
+        wait_caught_up(limit, backlog=1)  # every raw record read (the lag is 0)
+        outputs, grew, settled = offsets.settle("flows", quiet_s=10, max_s=limit)
         worker = len(records) / (grew - t0)
         worker_cpu = sum(worker_proc.cpu_times()[:2]) - cpu0
         bare = _read_all(stack.settings, len(records), False, 300)
         decoding = _read_all(stack.settings, len(records), True, 300)
-        lag = metric(WEB_PORT, "packetless_streams_consumer_lag")
+        lag = metric(WEB_PORT, "packetless_streams_consumer_lag", "raw.")
         offsets.close()
     finally:
         stack.stop()
@@ -113,12 +127,15 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
         ["packetless stream worker (raw -> flows, ECS, OCSF, windows)", str(n), fmt(worker, 0),
          fmt(worker / bare if bare else None, 3)],
     ]))
+    item.targets.append((f"none set; the worker reads {fmt(worker, 0)} records/s, "
+                         f"{fmt(worker / bare if bare else None, 3)} of the bare consumer", None))
     item.notes.append(f"{n_flows} synthetic flows, both sockets, START and END: {n} records "
                       f"produced in {produced_s:.1f} s through packetless.kafka.Publisher; the "
                       f"worker wrote {outputs} flow events (expected {2 * n_flows}: START and "
                       f"END per flow){'' if settled else ', still growing at the time limit'}; "
                       "its time runs from the first record produced to the last flow event "
-                      "(includes the 2 s END grace); consumer lag at the end: "
+                      "(includes the 2 s END grace), once its lag on raw.ebpf is 0 and its "
+                      "output stopped growing for 10 s; consumer lag at the end: "
                       f"{fmt(lag, 0)}; the worker used {worker_cpu:.1f} CPU s meanwhile: "
                       f"{n / worker_cpu if worker_cpu else 0:,.0f} records per CPU second")
     return item
@@ -127,20 +144,24 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
 # ---- 4 and 5 on a stack with the sensor ----------------------------------------------------
 
 class FlowWatcher(threading.Thread):
-    """Follows packetless.flows from its end, noting when each END for ``server_port`` arrives."""
+    """Follows packetless.flows (or raw.ebpf) from its end, noting when the END of each
+    connection to ``server_port`` arrives, by client port."""
 
-    def __init__(self, stack: LocalStack, server_port: int) -> None:
+    def __init__(self, stack: LocalStack, server_port: int, suffix: str = "flows") -> None:
         super().__init__(daemon=True)
         self.stack = stack
         self.server_port = server_port
+        self.suffix = suffix
         self.arrivals: dict[int, int] = {}
         self.stop = threading.Event()
         self.ready = threading.Event()
 
     def run(self) -> None:
         settings = self.stack.settings
-        codec = Codec(settings)
-        name = topic_name(settings, "flows")
+        # the local schema is the registered one (a fresh stack): fastavro directly, which
+        # keeps up with the other programs' records on raw.ebpf better than Codec does
+        schema = fastavro.parse_schema(schemas.load(TOPICS[self.suffix].schema or ""))
+        name = topic_name(settings, self.suffix)
         consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-lat-{os.getpid()}",
                              "enable.auto.commit": False, "fetch.wait.max.ms": 10})
         parts = consumer.list_topics(name, timeout=10).topics[name].partitions
@@ -151,9 +172,16 @@ class FlowWatcher(threading.Thread):
                     if msg.error():
                         continue
                     now = time.time_ns()
-                    rec = codec.decode("flows", msg.value())
-                    if rec and rec["type"] == "END" and rec["server"]["port"] == self.server_port:
+                    value = msg.value()
+                    if not value:
+                        continue
+                    rec = fastavro.schemaless_reader(io.BytesIO(value[5:]), schema, None)
+                    if not isinstance(rec, dict) or rec["type"] != "END":
+                        continue
+                    if self.suffix == "flows" and rec["server"]["port"] == self.server_port:
                         self.arrivals.setdefault(rec["client"]["port"], now)
+                    elif self.suffix == "raw.ebpf" and rec["remote_port"] == self.server_port:
+                        self.arrivals.setdefault(rec["local_port"], now)
                 if consumer.assignment() and not self.ready.is_set():
                     self.ready.set()
         finally:
@@ -183,27 +211,36 @@ def latency(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
     server_log = run_dir / "lat-server.log"
     server = _spawn([PYTHON, "-m", "bench.traffic", "server", str(port)], server_log)
     watcher = FlowWatcher(stack, port)
+    raw = FlowWatcher(stack, port, "raw.ebpf")
     try:
         _wait_text(server_log, "ready", server, 30)
-        watcher.start()
-        watcher.ready.wait(30)
+        for w in (watcher, raw):
+            w.start()
+            w.ready.wait(30)
         out = run_dir / "latency.json"
         subprocess.run([PYTHON, "-m", "bench.traffic", "latency", str(port), str(out), str(count),
                         str(rate)], cwd=REPO, check=True, timeout=count / rate + 120)
         closes = {c["client_port"]: c["closed_ns"] for c in json.loads(out.read_text())}
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not closes.keys() <= watcher.arrivals.keys():
+        while time.monotonic() < deadline and not (closes.keys() <= watcher.arrivals.keys()
+                                                   and closes.keys() <= raw.arrivals.keys()):
             time.sleep(0.5)
     finally:
         watcher.stop.set()
+        raw.stop.set()
         server.terminate()
         server.wait(10)
-    lat = sorted((watcher.arrivals[p] - t) / 1e6 for p, t in closes.items()
-                 if p in watcher.arrivals)
-    p50 = statistics.median(lat) if lat else None
-    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
-    item.tables.append((["connections", "END received", "p50 ms", "p99 ms", "max ms"], [
-        [str(len(closes)), str(len(lat)), fmt(p50, 0), fmt(p99, 0), fmt(lat[-1] if lat else None, 0)]]))
+    rows = []
+    for label, w in (("client close -> END on raw.ebpf (sensor + Kafka)", raw),
+                     ("client close -> END on packetless.flows (end to end)", watcher)):
+        lat = sorted((w.arrivals[p] - t) / 1e6 for p, t in closes.items() if p in w.arrivals)
+        p50 = statistics.median(lat) if lat else None
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None
+        rows.append([label, str(len(closes)), str(len(lat)), fmt(p50, 0), fmt(p99, 0),
+                     fmt(lat[-1] if lat else None, 0)])
+    item.tables.append((["path", "connections", "END received", "p50 ms", "p99 ms", "max ms"],
+                        rows))
+    item.targets.append((f"none set; end to end p50 {rows[-1][3]} ms, p99 {rows[-1][4]} ms", None))
     item.notes.append(f"{count} connections at {rate:g}/s (100 bytes each way), client closes "
                       "first; latency = arrival of the END (decoded) at a consumer of "
                       "packetless.flows - the client's close(); the worker waits for both ends "
@@ -215,40 +252,44 @@ def latency(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
 def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
     item = Item("5. Memory: sensor and worker RSS with live loopback connections")
     levels = (1000, 10000) if quick else (1000, 10000, 100000)
-    offsets = Offsets(stack.settings)
     holders: list[subprocess.Popen[bytes]] = []
     rows = []
     held = 0
     try:
         for n in levels:
             t0 = time.monotonic()
+            since_ms = int(time.time() * 1000)
+            ports: set[int] = set()
+            before = held
             while held < n and time.monotonic() - t0 < 900:
                 chunk = min(traffic.HOLD_CHUNK, n - held)
                 log = run_dir / f"hold-{len(holders)}.log"
-                proc = _spawn([PYTHON, "-m", "bench.traffic", "hold", str(new_port()),
-                               str(chunk)], log, stdin=subprocess.PIPE)
+                port = new_port()
+                ports.add(port)
+                proc = _spawn([PYTHON, "-m", "bench.traffic", "hold", str(port), str(chunk)],
+                              log, stdin=subprocess.PIPE)
                 holders.append(proc)
                 if not _wait_text(log, f"held {chunk}", proc, 600):
                     item.notes.append(f"a holder failed: {log.read_text()[-300:]}")
                     break
                 held += chunk
             opened_s = time.monotonic() - t0
-            _, _, raw_settled = offsets.settle("raw.ebpf", quiet_s=10, max_s=600)
-            _, _, settled = offsets.settle("flows", quiet_s=10, max_s=300)
+            time.sleep(15)  # the sensor reads its ring buffer and scans its maps (5 s)
+            lag, caught_up = wait_caught_up(300)
             sensor, worker = stack.process("sensor"), stack.process("streams")
             drops = latest_drops(stack.settings)
-            rows.append([f"{held:,}", fmt(opened_s, 0),
+            starts = raw_starts(stack.settings, since_ms, ports)
+            rows.append([f"{held:,}", fmt(opened_s, 0), f"{starts:,} of {2 * (held - before):,}",
                          fmt(sensor.memory_info().rss / 2**20, 0),
                          fmt(worker.memory_info().rss / 2**20, 0),
                          fmt(metric(WEB_PORT, "packetless_streams_table_keys", 'table="flows"'), 0),
                          fmt(metric(METRICS_PORT, "packetless_sensor_lost_events_total"), 0),
                          str(drops.get("tcp_map_full", "-")), str(drops.get("owner_map_full", "-")),
-                         "yes" if raw_settled and settled else "no",
+                         fmt(lag, 0) + ("" if caught_up else " (behind)"),
                          fmt(time.monotonic() - t0, 0)])
             if held < n:
                 break
     finally:
-        offsets.close()
         for proc in holders:
             if proc.stdin is not None:
                 proc.stdin.close()
@@ -258,13 +299,17 @@ def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    item.tables.append((["live connections", "open s", "sensor RSS MiB", "worker RSS MiB",
+    item.tables.append((["live connections", "open s", "raw START records of new sockets",
+                         "sensor RSS MiB", "worker RSS MiB",
                          "worker flows table keys", "sensor ring losses", "tcp map full",
-                         "owner map full", "settled", "level s"], rows))
+                         "owner map full", "worker lag (raw records)", "level s"], rows))
+    item.targets.append(("none set; sensor / worker RSS MiB at " + ", ".join(
+        f"{r[0]}: {r[3]} / {r[4]}" for r in rows), None))
     item.notes.append("each connection is 2 sockets (client and accepted), each has read or "
                       "written 1 byte; held by processes of 9,000 connections (RLIMIT_NOFILE "
-                      "is capped at 20,000 here); RSS measured once raw.ebpf and "
-                      "packetless.flows stopped growing for 10 s (at most 600 s and 300 s); the "
+                      "is capped at 20,000 here); RSS measured 15 s after the connections are "
+                      "open, once the worker's lag on the raw topics is under 500 records (at "
+                      "most 300 s more); the "
                       "sensor's default map holds 65,536 TCP sockets (tcp_entries), i.e. 32,768 "
                       "loopback connections")
     item.commands.append("python -m bench.traffic hold PORT COUNT (one process per 9,000)")

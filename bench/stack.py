@@ -84,16 +84,30 @@ def start(data_dir: Path, sensor: bool) -> LocalStack:
 
 
 def metric(port: int, name: str, labels: str = "") -> float | None:
-    """One value from a Prometheus endpoint on 127.0.0.1 (first sample whose line matches)."""
+    """The sum of the samples of ``name`` whose line contains ``labels``, from a Prometheus
+    endpoint on 127.0.0.1; None when unreachable or absent."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             text = r.read().decode()
     except OSError:
         return None
-    for line in text.splitlines():
-        if line.startswith(name) and labels in line and not line.startswith("#"):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(name + "{") or line.startswith(name + " ")
+              if labels in line]
+    return sum(values) if values else None
+
+
+def wait_caught_up(max_s: float, backlog: int = 500) -> tuple[float | None, bool]:
+    """Wait until the worker's consumer lag on the raw topics is under ``backlog`` (other
+    programs' traffic keeps the topics growing on a shared machine); returns the lag."""
+    deadline = time.monotonic() + max_s
+    lag = None
+    while time.monotonic() < deadline:
+        lag = metric(WEB_PORT, "packetless_streams_consumer_lag", "raw.")
+        if lag is not None and lag < backlog:
+            return lag, True
+        time.sleep(2)
+    return lag, False
 
 
 class Offsets:
@@ -163,3 +177,39 @@ def latest_drops(settings: Settings, max_s: float = 60.0) -> dict[str, int]:
         return record.get("drops") or {}
     finally:
         consumer.close()
+
+
+def raw_starts(settings: Settings, since_ms: int, ports: set[int], max_s: float = 300.0) -> int:
+    """raw.ebpf START records produced since ``since_ms`` of sockets on ``ports`` (either end)."""
+    from packetless.serde import Codec
+
+    codec = Codec(settings)
+    name = topic_name(settings, "raw.ebpf")
+    consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-starts-{time.time_ns()}",
+                         "enable.auto.commit": False})
+    count = 0
+    try:
+        parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                for p in parts}
+        starts = consumer.offsets_for_times([TopicPartition(name, p, since_ms) for p in parts],
+                                            timeout=10)
+        todo = [tp for tp in starts if 0 <= tp.offset < ends[tp.partition]]
+        consumer.assign(todo)
+        pending = {tp.partition for tp in todo}
+        deadline = time.monotonic() + max_s
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 1.0):
+                if msg.error():
+                    continue
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    pending.discard(msg.partition())
+                if msg.key() and msg.key().endswith(b":drops"):
+                    continue
+                rec = codec.decode("raw.ebpf", msg.value()) or {}
+                if rec.get("type") == "START" and (rec.get("local_port") in ports
+                                                   or rec.get("remote_port") in ports):
+                    count += 1
+    finally:
+        consumer.close()
+    return count
