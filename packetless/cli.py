@@ -181,13 +181,15 @@ def streams(settings: Settings, **options: Any) -> None:
 @_opt("--from-beginning", is_flag=True, default=False, help="Start at the oldest record.")
 @_opt("--max-messages", type=int, default=None, help="Exit after N records.")
 @_opt("--timeout", type=float, default=None, help="Exit after S seconds without a record.")
+@_opt("--to-end", is_flag=True, default=False,
+      help="Exit once the records that were there when tail started are printed.")
 def tail(settings: Settings, topic: str, from_beginning: bool, max_messages: int | None,
-         timeout: float | None) -> None:
+         timeout: float | None, to_end: bool) -> None:
     """Print TOPIC as JSON lines (Avro decoded through the registry)."""
     from packetless.tail import tail as run_tail
 
     try:
-        run_tail(settings, topic, from_beginning, max_messages, timeout)
+        run_tail(settings, topic, from_beginning, max_messages, timeout, to_end)
     except (KeyError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from exc
     except KafkaException as exc:

@@ -27,8 +27,10 @@ def _json_default(value: Any) -> Any:
 
 
 def tail(settings: Settings, topic: str, from_beginning: bool, max_messages: int | None,
-         timeout: float | None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    """Print records until ``max_messages`` were printed or ``timeout`` idle seconds passed.
+         timeout: float | None, to_end: bool = False, out: TextIO = sys.stdout,
+         err: TextIO = sys.stderr) -> int:
+    """Print records until ``max_messages`` were printed, ``timeout`` idle seconds passed, or
+    (``to_end``) every partition was read up to where it ended when tail started.
 
     Returns the number of records printed.
     """
@@ -40,17 +42,27 @@ def tail(settings: Settings, topic: str, from_beginning: bool, max_messages: int
     if metadata.topics[name].error is not None:
         raise RuntimeError(f"topic {name}: {metadata.topics[name].error.str()}")
     start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-    cons.assign([TopicPartition(name, p, start) for p in metadata.topics[name].partitions])
+    partitions = list(metadata.topics[name].partitions)
+    # --to-end: partition -> its end offset now; tail stops once each non-empty one got there
+    marks = {p: cons.get_watermark_offsets(TopicPartition(name, p), timeout=10)
+             for p in partitions} if to_end else {}
+    ends = {p: high for p, (_low, high) in marks.items()}
+    pending = {p for p, (low, high) in marks.items() if high > low} if from_beginning else set()
+    cons.assign([TopicPartition(name, p, start) for p in partitions])
     printed = 0
     last = time.monotonic()
     try:
         while max_messages is None or printed < max_messages:
             if timeout is not None and time.monotonic() - last > timeout:
                 break
+            if to_end and not pending:
+                break
             msg = cons.poll(0.5)
             if msg is None:
                 continue
             last = time.monotonic()
+            if to_end and (msg.offset() or 0) >= ends.get(msg.partition(), 0) - 1:
+                pending.discard(msg.partition())
             if msg.error():
                 print(json.dumps({"error": msg.error().str()}), file=err)
                 continue

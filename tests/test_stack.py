@@ -48,6 +48,19 @@ def test_tail_prints_decoded_json_lines(settings: Settings) -> None:
     assert lines[:3] == records
 
 
+def test_tail_to_end_stops_after_what_was_there(settings: Settings) -> None:
+    records = list(generate_many(schemas.load("ProcessEvent"), 5))
+    pub = Publisher(settings)
+    for i, rec in enumerate(records):
+        pub.send("meta.processes", f"end-{i}", rec)
+    assert pub.flush(30) == 0
+    out = cli("tail", "packetless.meta.processes", "--from-beginning", "--to-end",
+              env=env_for(settings), timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert lines[-5:] == records
+
+
 def test_tail_refuses_an_unknown_topic(settings: Settings) -> None:
     out = cli("tail", "no.such.topic", "--timeout", "1", env=env_for(settings))
     assert out.returncode != 0

@@ -58,8 +58,8 @@ def stack_up(tmp_path: Path, docker_client: Any) -> Iterator[dict[str, Any]]:
 def tail(up: dict[str, Any], topic: str, seconds: float = 10) -> list[dict[str, Any]]:
     p = up["ports"]
     out = subprocess.run(
-        [sys.executable, "-m", "packetless", "tail", topic, "--from-beginning", "--timeout",
-         str(seconds), "--bootstrap-servers", f"127.0.0.1:{p['kafka']}", "--registry-url",
+        [sys.executable, "-m", "packetless", "tail", topic, "--from-beginning", "--to-end",
+         "--timeout", str(seconds), "--bootstrap-servers", f"127.0.0.1:{p['kafka']}", "--registry-url",
          f"http://127.0.0.1:{p['registry']}/apis/ccompat/v7"],
         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
