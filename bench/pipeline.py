@@ -22,8 +22,6 @@ import schemas
 from bench import traffic
 from bench.common import PYTHON, REPO, Item, fmt, new_port
 from bench.stack import (
-    METRICS_PORT,
-    WEB_PORT,
     LocalStack,
     Offsets,
     latest_drops,
@@ -109,13 +107,13 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
         publisher.flush(120)
         produced_s = time.monotonic() - t0
         limit = 300 if quick else 600
-        wait_caught_up(limit, backlog=1)  # every raw record read (the lag is 0)
+        wait_caught_up(stack, limit, backlog=1)  # every raw record read (the lag is 0)
         outputs, grew, settled = offsets.settle("flows", quiet_s=10, max_s=limit)
         worker = len(records) / (grew - t0)
         worker_cpu = sum(worker_proc.cpu_times()[:2]) - cpu0
         bare = _read_all(stack.settings, len(records), False, 300)
         decoding = _read_all(stack.settings, len(records), True, 300)
-        lag = metric(WEB_PORT, "packetless_streams_consumer_lag", "raw.")
+        lag = metric(stack.web_port, "packetless_streams_consumer_lag", "raw.")
         offsets.close()
     finally:
         stack.stop()
@@ -275,15 +273,15 @@ def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
                 held += chunk
             opened_s = time.monotonic() - t0
             time.sleep(15)  # the sensor reads its ring buffer and scans its maps (5 s)
-            lag, caught_up = wait_caught_up(300)
+            lag, caught_up = wait_caught_up(stack, 300)
             sensor, worker = stack.process("sensor"), stack.process("streams")
             drops = latest_drops(stack.settings)
             starts = raw_starts(stack.settings, since_ms, ports)
             rows.append([f"{held:,}", fmt(opened_s, 0), f"{starts:,} of {2 * (held - before):,}",
                          fmt(sensor.memory_info().rss / 2**20, 0),
                          fmt(worker.memory_info().rss / 2**20, 0),
-                         fmt(metric(WEB_PORT, "packetless_streams_table_keys", 'table="flows"'), 0),
-                         fmt(metric(METRICS_PORT, "packetless_sensor_lost_events_total"), 0),
+                         fmt(metric(stack.web_port, "packetless_streams_table_keys", 'table="flows"'), 0),
+                         fmt(metric(stack.metrics_port, "packetless_sensor_lost_events_total"), 0),
                          str(drops.get("tcp_map_full", "-")), str(drops.get("owner_map_full", "-")),
                          fmt(lag, 0) + ("" if caught_up else " (behind)"),
                          fmt(time.monotonic() - t0, 0)])

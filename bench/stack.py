@@ -5,7 +5,6 @@ data dir; ``packetless down``), and Kafka look-ups on it: topic sizes, readiness
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -19,8 +18,6 @@ from bench.common import PYTHON, REPO, new_port
 from packetless.config import Settings
 from packetless.topics import topic_name
 
-WEB_PORT, METRICS_PORT = 6066, 9464  # fixed by ``packetless up``
-
 
 @dataclass
 class LocalStack:
@@ -30,6 +27,8 @@ class LocalStack:
     settings: Settings
     parts: dict[str, int]
     command: str
+    web_port: int
+    metrics_port: int
 
     def process(self, part: str) -> psutil.Process:
         return psutil.Process(self.parts[part])
@@ -39,29 +38,12 @@ class LocalStack:
                        cwd=REPO, capture_output=True, timeout=180, check=False)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def start(data_dir: Path, sensor: bool) -> LocalStack:
     """``packetless up --detach`` with a fresh data dir; waits until the worker answers."""
-    deadline = time.monotonic() + 300
-    while True:  # another stack on this shared machine may hold them for a while
-        busy = [p for p in (WEB_PORT, METRICS_PORT if sensor else 0) if p and not _port_free(p)]
-        if not busy:
-            break
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"ports {busy} (fixed by 'packetless up') stayed taken by "
-                               "another stack for 300 s")
-        time.sleep(2)
-    kafka, registry = new_port(), new_port()
+    kafka, registry, web, metrics = new_port(), new_port(), new_port(), new_port()
     argv = ["packetless", "up", "--detach", "--data-dir", str(data_dir), "--kafka-port",
-            str(kafka), "--registry-port", str(registry)] + ([] if sensor else ["--no-sensor"])
+            str(kafka), "--registry-port", str(registry), "--web-port", str(web),
+            "--metrics-port", str(metrics)] + ([] if sensor else ["--no-sensor"])
     data_dir.mkdir(parents=True, exist_ok=True)
     with (data_dir.parent / f"{data_dir.name}-up.log").open("wb") as log:
         subprocess.run([PYTHON, "-m", *argv], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -69,11 +51,11 @@ def start(data_dir: Path, sensor: bool) -> LocalStack:
     info = json.loads((data_dir / "stack.json").read_text())
     settings = Settings(data_dir=data_dir, bootstrap_servers=f"127.0.0.1:{kafka}",
                         registry_url=f"http://127.0.0.1:{registry}/apis/ccompat/v7")
-    stack = LocalStack(data_dir, settings, info["parts"], " ".join(argv))
+    stack = LocalStack(data_dir, settings, info["parts"], " ".join(argv), web, metrics)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{WEB_PORT}/healthz", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{web}/healthz", timeout=2) as r:
                 if r.status == 200:
                     return stack
         except OSError:
@@ -97,13 +79,14 @@ def metric(port: int, name: str, labels: str = "") -> float | None:
     return sum(values) if values else None
 
 
-def wait_caught_up(max_s: float, backlog: int = 500) -> tuple[float | None, bool]:
+def wait_caught_up(stack: LocalStack, max_s: float,
+                   backlog: int = 500) -> tuple[float | None, bool]:
     """Wait until the worker's consumer lag on the raw topics is under ``backlog`` (other
     programs' traffic keeps the topics growing on a shared machine); returns the lag."""
     deadline = time.monotonic() + max_s
     lag = None
     while time.monotonic() < deadline:
-        lag = metric(WEB_PORT, "packetless_streams_consumer_lag", "raw.")
+        lag = metric(stack.web_port, "packetless_streams_consumer_lag", "raw.")
         if lag is not None and lag < backlog:
             return lag, True
         time.sleep(2)
