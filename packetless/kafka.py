@@ -519,24 +519,36 @@ def _scan_partition(cons: Consumer, topic: str, partition: int, since_ms: int,
     return found
 
 
+def dead_letter_record(*, topic: str, partition: int, offset: int, timestamp_ms: int | None,
+                       key: bytes | None, value: bytes | None,
+                       headers: list[tuple[str, bytes | None]], kind: str, reason: str,
+                       consumer: str, host: str) -> dict[str, Any]:
+    """The DeadLetter record of a Kafka record that could not be processed, kept unchanged."""
+    return {
+        "reason": reason,
+        "error_type": kind,
+        "source_topic": topic,
+        "source_partition": partition,
+        "source_offset": offset,
+        "source_timestamp_ms": timestamp_ms,
+        "key": key,
+        "value": value,
+        "headers": {k: v or b"" for k, v in headers},
+        "consumer": consumer,
+        "host": host,
+        "timestamp_ms": int(time.time() * 1000),
+    }
+
+
 def dead_letter(publisher: Publisher, msg: Message, kind: str, reason: str,
                 consumer: str) -> None:
     """Publish ``msg`` unchanged on the DLQ topic with why it could not be processed."""
     ts_type, ts = msg.timestamp()
-    publisher.send("dlq", msg.key(), {
-        "reason": reason,
-        "error_type": kind,
-        "source_topic": msg.topic(),
-        "source_partition": msg.partition(),
-        "source_offset": msg.offset(),
-        "source_timestamp_ms": ts if ts_type else None,
-        "key": msg.key(),
-        "value": msg.value(),
-        "headers": {k: v or b"" for k, v in (msg.headers() or [])},
-        "consumer": consumer,
-        "host": publisher.settings.host_name,
-        "timestamp_ms": int(time.time() * 1000),
-    })
+    publisher.send("dlq", msg.key(), dead_letter_record(
+        topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+        timestamp_ms=ts if ts_type else None, key=msg.key(), value=msg.value(),
+        headers=msg.headers() or [], kind=kind, reason=reason, consumer=consumer,
+        host=publisher.settings.host_name))
 
 
 def admin(settings: Settings) -> AdminClient:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PCounter
 
 from packetless.config import Settings
-from packetless.kafka import PRODUCER_DEFAULTS, ensure_schemas, ensure_topics
+from packetless.kafka import PRODUCER_DEFAULTS, dead_letter_record, ensure_schemas, ensure_topics
 from packetless.serde import Codec, DecodeError
 from packetless.topics import topic_name
 from streams import ecs, ocsf
@@ -304,13 +304,11 @@ class Worker:
         """Keep ``msg`` unchanged on the DLQ with why it could not be processed."""
         self.metrics.dead.labels(kind).inc()
         headers = msg.headers.items() if isinstance(msg.headers, dict) else (msg.headers or [])
-        value = self.encoder.encode("dlq", {
-            "reason": reason, "error_type": kind, "source_topic": msg.topic,
-            "source_partition": msg.partition, "source_offset": msg.offset,
-            "source_timestamp_ms": round(msg.timestamp * 1000) if msg.timestamp else None,
-            "key": msg.key, "value": msg.value, "headers": {k: v or b"" for k, v in headers},
-            "consumer": "streams", "host": self.settings.host_name,
-            "timestamp_ms": round(time.time() * 1000)})
+        value = self.encoder.encode("dlq", dead_letter_record(
+            topic=msg.topic, partition=msg.partition, offset=msg.offset,
+            timestamp_ms=round(msg.timestamp * 1000) if msg.timestamp else None, key=msg.key,
+            value=msg.value, headers=list(headers), kind=kind, reason=reason, consumer="streams",
+            host=self.settings.host_name))
         self.outputs.send("dlq", msg.key, value)
 
     # -- stage 2: flows
