@@ -95,14 +95,17 @@ class Publisher:
     schemaless Avro and framed at replay. Beyond ``spool_max_bytes`` the oldest records are
     dropped and counted (``dropped``). Counters for metrics: ``delivered``, ``failed`` (failed
     delivery attempts), ``spooled``, ``replayed``, ``confirmed`` (found already delivered),
-    ``dropped``, ``spool_bytes``, ``spool_records``, ``spool_peak_bytes``.
+    ``dropped``, ``spool_bytes``, ``spool_records``, ``spool_peak_bytes``; ``on_latency`` gets
+    the seconds from queueing to the broker's acknowledgement of each delivered record.
     """
 
     def __init__(self, settings: Settings, codec: Codec | None = None,
                  on_error: Callable[[str], None] | None = None, *, spool: str | None = None,
-                 spool_max_bytes: int = DEFAULT_MAX_BYTES, **overrides: Any) -> None:
+                 spool_max_bytes: int = DEFAULT_MAX_BYTES,
+                 on_latency: Callable[[float], None] | None = None, **overrides: Any) -> None:
         self.settings = settings
         self.codec = codec or Codec(settings)
+        self._on_latency = on_latency
         self.delivered = 0
         self.failed = 0
         self.spooled = 0
@@ -273,12 +276,18 @@ class Publisher:
                         self._spool.path if self._spool is not None else "-")
             self._spooling = True
 
-    def _delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
+            self._observe_latency(msg)
         else:
             self.failed += 1
             self._on_error(str(err))
+
+    def _observe_latency(self, msg: Message) -> None:
+        latency = msg.latency()
+        if self._on_latency is not None and latency is not None:
+            self._on_latency(latency)
 
     def _direct_delivery(self, seq: int, timestamp_ms: int, err: KafkaError | None,
                          msg: Message) -> None:
@@ -286,6 +295,7 @@ class Publisher:
             self._direct_pending -= 1
             if err is None:
                 self.delivered += 1
+                self._observe_latency(msg)
                 return
             self.failed += 1
             if not _transient(err):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from packetless.config import Settings
 from packetless.kafka import Publisher
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 EVENTS = Counter("packetless_sensor_events", "Records the sensor produced, by record type", ["type"])
 LOST = Counter("packetless_sensor_lost_events", "Kernel events lost before user space read them")
 SPOOL = Gauge("packetless_sensor_spool_bytes", "Bytes spooled while Kafka is unreachable")
+PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
+                            "Seconds from queueing a record to the broker's acknowledgement")
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
                "meta.processes": "process"}
 
@@ -98,7 +100,7 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     write_status(status, {"mode": mode, "why": why, "ready": False})
     if metrics_port:
         start_http_server(metrics_port, addr=web_host)
-    publisher = Publisher(settings, spool="sensor")
+    publisher = Publisher(settings, spool="sensor", on_latency=PRODUCE_LATENCY.observe)
     stop = threading.Event()
     cgroups = CgroupResolver()
     cache = ProcessCache(cgroups=cgroups)

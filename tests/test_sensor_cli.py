@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from packetless.config import Settings
@@ -30,11 +31,12 @@ from tests.support.capabilities import require_root
 pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
 
 
-def sensor_process(settings: Settings, data_dir: Path, *args: str) -> subprocess.Popen[bytes]:
+def sensor_process(settings: Settings, data_dir: Path, *args: str,
+                   metrics_port: int = 0) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PACKETLESS_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
            "PACKETLESS_REGISTRY_URL": settings.registry_url, "PACKETLESS_DATA_DIR": str(data_dir)}
     return subprocess.Popen([sys.executable, "-m", "packetless", "sensor", "--metrics-port",
-                             str(free_port()), "--update-interval", "1", *args],
+                             str(metrics_port or free_port()), "--update-interval", "1", *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -112,7 +114,8 @@ def records(settings: Settings, suffix: str, match: Any, want: int, timeout: flo
 def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
                                       stopper: list[subprocess.Popen[bytes]]) -> None:
     require_root()
-    proc = sensor_process(settings, tmp_path, "--mode", "ebpf")
+    metrics_port = free_port()
+    proc = sensor_process(settings, tmp_path, "--mode", "ebpf", metrics_port=metrics_port)
     stopper.append(proc)
     assert wait_mode(proc, tmp_path)["mode"] == "ebpf"
     n, m = 123_457, 76_543
@@ -130,6 +133,12 @@ def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
     for r in ends:
         assert r["process"]["pid"] == os.getpid()
         assert r["process"]["uid"] == os.getuid()
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['packetless_sensor_events_total{type="ebpf"}'] >= 2
+    assert samples["packetless_sensor_produce_latency_seconds_count"] >= 2
+    assert samples["packetless_sensor_lost_events_total"] == 0
 
 
 def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: Path,
