@@ -41,7 +41,7 @@ HOST = "bench-synthetic"
 
 def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
     """START and END of both sockets (client, server) of ``n_flows`` flows, as raw.ebpf records."""
-    base = {f["name"]: f.get("default") for f in schemas.load("EbpfEvent")["fields"]}
+    base = schemas.defaults("EbpfEvent")
     now = time.time_ns()
     out = []
     for i in range(n_flows):

@@ -7,6 +7,7 @@ name (``"type": "packetless.Process"``); fastavro resolves such references from 
 
 from __future__ import annotations
 
+import copy
 import json
 from functools import cache
 from pathlib import Path
@@ -33,6 +34,21 @@ def load(name: str) -> dict[str, Any]:
 def text(name: str) -> str:
     """The schema of ``name`` as canonical-enough JSON text, as sent to the registry."""
     return json.dumps(load(name), separators=(",", ":"))
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """A fresh record of type ``name``: every field at its schema default (None when it has none)."""
+    return copy.deepcopy({f["name"]: f.get("default") for f in load(name)["fields"]})
+
+
+def record(name: str, **values: Any) -> dict[str, Any]:
+    """A record of type ``name``: schema defaults overridden by ``values`` (names checked)."""
+    rec = defaults(name)
+    unknown = values.keys() - rec.keys()
+    if unknown:
+        raise KeyError(f"not in packetless.{name}: {sorted(unknown)}")
+    rec.update(values)
+    return rec
 
 
 def names() -> list[str]:

@@ -52,10 +52,6 @@ class ContainerOptions:
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
 
 
-def _container_fields() -> dict[str, Any]:
-    return {f["name"]: f.get("default") for f in schemas.load("Container")["fields"]}
-
-
 def _epoch_ms(text: str | None) -> int | None:
     """Docker's RFC 3339 timestamps (nanoseconds allowed), None for its zero time."""
     if not text or text.startswith("0001-"):
@@ -71,7 +67,7 @@ def container_record(attrs: dict[str, Any], host_name: str, event: str, timestam
     labels = config.get("Labels") or {}
     running = bool(state.get("Running"))
     pid = state.get("Pid") or None
-    record = _container_fields()
+    record = schemas.defaults("Container")
     record.update(
         id=attrs["Id"], name=(attrs.get("Name") or "").lstrip("/") or None,
         image=config.get("Image"), image_id=attrs.get("Image"), labels=labels,
@@ -197,7 +193,7 @@ class ContainerWatcher:
         record and the event's attributes (name, image, labels, exit code)."""
         with self._lock:
             previous = self._records.get(container_id)
-        record = dict(previous) if previous is not None else _container_fields()
+        record = dict(previous) if previous is not None else schemas.defaults("Container")
         if previous is None:
             labels = {k: v for k, v in attributes.items()
                       if k not in ("name", "image", "exitCode", "signal", "oldName")}

@@ -172,10 +172,6 @@ def end_reason(kind: int, flags: int, oldstate: int) -> str:
     return "RESET_SENT" if oldstate in ABORTIVE_FROM else "CLOSED"
 
 
-def _record_fields() -> dict[str, Any]:
-    return {f["name"]: f.get("default") for f in schemas.load("EbpfEvent")["fields"]}
-
-
 def _netns_inode(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -192,7 +188,7 @@ class EbpfSensor:
         self.publish = publish
         self.processes = options.processes or ProcessCache(cgroups=options.cgroups)
         self.boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        self._fields = _record_fields()
+        self._fields = schemas.defaults("EbpfEvent")
         self._tcp: dict[int, Live] = {}
         self._udp: dict[UdpKey, Live] = {}
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}

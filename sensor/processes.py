@@ -129,18 +129,9 @@ def group_name(gid: int) -> str | None:
         return None
 
 
-def _process_fields() -> dict[str, Any]:
-    return {f["name"]: f.get("default") for f in schemas.load("Process")["fields"]}
-
-
 def process_record(**values: Any) -> dict[str, Any]:
     """A ``packetless.Process`` dict: schema defaults overridden by ``values`` (names checked)."""
-    record = _process_fields()
-    unknown = values.keys() - record.keys()
-    if unknown:
-        raise KeyError(f"not in packetless.Process: {sorted(unknown)}")
-    record.update(values)
-    return record
+    return schemas.record("Process", **values)
 
 
 def _start_ms(proc: psutil.Process) -> int:
@@ -281,18 +272,9 @@ class ProcessOptions:
     cache: ProcessCache = field(default_factory=ProcessCache)
 
 
-def _event_fields() -> dict[str, Any]:
-    return {f["name"]: f.get("default") for f in schemas.load("ProcessEvent")["fields"]}
-
-
 def process_event(**values: Any) -> dict[str, Any]:
     """A ``packetless.ProcessEvent`` dict from schema defaults and ``values`` (names checked)."""
-    record = _event_fields()
-    unknown = values.keys() - record.keys()
-    if unknown:
-        raise KeyError(f"not in packetless.ProcessEvent: {sorted(unknown)}")
-    record.update(values)
-    return record
+    return schemas.record("ProcessEvent", **values)
 
 
 class LineageScanner:

@@ -24,10 +24,10 @@ def action(flow: dict[str, Any]) -> str:
     return ACTIONS[flow["type"]]
 
 
-def _drop_empty(value: Any) -> Any:
+def drop_empty(value: Any) -> Any:
     """``value`` without None values and empty objects (ECS: fields appear when known)."""
     if isinstance(value, dict):
-        cleaned = {k: _drop_empty(v) for k, v in value.items()}
+        cleaned = {k: drop_empty(v) for k, v in value.items()}
         return {k: v for k, v in cleaned.items() if v is not None and v != {}}
     return value
 
@@ -125,4 +125,4 @@ def document(flow: dict[str, Any], side: str) -> dict[str, Any]:
                      "socket_cookie": peer["socket_cookie"]} if peer["local"] else None,
         },
     }
-    return _drop_empty(doc)
+    return drop_empty(doc)

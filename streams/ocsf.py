@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from streams.ecs import drop_empty
+
 OCSF_VERSION = "1.3.0"
 ACTIVITY = {"open": (1, "Open"), "close": (2, "Close"), "fail": (4, "Fail"),
             "refuse": (5, "Refuse"), "traffic": (6, "Traffic")}
@@ -19,13 +21,6 @@ def _activity(flow: dict[str, Any]) -> tuple[int, str]:
     if flow["end_reason"] == "failed":
         return ACTIVITY["refuse" if flow["error"] == "ECONNREFUSED" else "fail"]
     return ACTIVITY["close"]
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, dict):
-        cleaned = {k: _clean(v) for k, v in value.items()}
-        return {k: v for k, v in cleaned.items() if v is not None and v != {}}
-    return value
 
 
 def _process(proc: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -69,7 +64,7 @@ def event(flow: dict[str, Any], side: str) -> dict[str, Any]:
     start_ms = flow["start_ns"] // 1_000_000
     end_ms = flow["end_ns"] // 1_000_000 if flow["end_ns"] else None
     outbound = side == "client"
-    return _clean({
+    return drop_empty({
         "class_uid": 4001, "class_name": "Network Activity",
         "category_uid": 4, "category_name": "Network Activity",
         "activity_id": activity_id, "activity_name": activity_name,
