@@ -6,6 +6,7 @@ and of every other network namespace (containers), and publishes them on ``raw.n
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -226,8 +227,12 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
             if msg_type == NLMSG_DONE:
                 return
             if msg_type == NLMSG_ERROR:
+                if body + 4 > min(end, len(data)):
+                    raise OSError(errno.EPROTO, "sock_diag dump: truncated NLMSG_ERROR reply")
                 code = -struct.unpack_from("=i", data, body)[0]
-                raise OSError(code, f"sock_diag dump: {os.strerror(code)}")
+                if code:  # 0 is an acknowledgement, not an error
+                    raise OSError(code, f"sock_diag dump: {errno.errorcode.get(code, 'unknown error')}")
+                continue
             if msg_type == SOCK_DIAG_BY_FAMILY:
                 if end > len(data) or end - body < _INET_DIAG_MSG.size:
                     log.warning("skipped a truncated sock_diag message (%d bytes)", end - body)

@@ -8,6 +8,7 @@ Example counts scale with PACKETLESS_FUZZ_EXAMPLES (default 200).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -140,7 +141,10 @@ def _replay_diag(datagrams: list[bytes]) -> list[netlink.DiagMessage]:
                                          _DIAG_BODY + b"".join(_attr(t, p) for t, p in attrs))]),
     st.tuples(st.binary(max_size=600), st.integers(0, 600)).map(
         lambda t: [_nlmsg(netlink.SOCK_DIAG_BY_FAMILY, _DIAG_BODY + t[0])[:16 + t[1]]]),
+    st.binary(max_size=24).map(lambda body: [_nlmsg(netlink.NLMSG_ERROR, body)]),
 ))
+@example([_nlmsg(netlink.NLMSG_ERROR, b"")])
+@example([_nlmsg(netlink.NLMSG_ERROR, struct.pack("=i", -(2**31)))])
 @example([_nlmsg(netlink.SOCK_DIAG_BY_FAMILY, _DIAG_BODY + _attr(netlink.INET_DIAG_CGROUP_ID, b"\1"))])
 @example([_nlmsg(netlink.SOCK_DIAG_BY_FAMILY, _DIAG_BODY[:20])])
 def test_sock_diag_parsing_survives_malformed_replies(datagrams: list[bytes]) -> None:
@@ -150,6 +154,19 @@ def test_sock_diag_parsing_survives_malformed_replies(datagrams: list[bytes]) ->
             assert msg.family == socket.AF_INET
     except OSError as exc:
         assert not isinstance(exc, TimeoutError), "a reply must never hang the dump"
+
+
+def test_sock_diag_error_replies() -> None:
+    """An ACK (error 0) is skipped, an error names its errno, a truncated one is EPROTO."""
+    ack = _nlmsg(netlink.NLMSG_ERROR, struct.pack("=i", 0))
+    found = _replay_diag([ack, _nlmsg(netlink.SOCK_DIAG_BY_FAMILY, _DIAG_BODY)])
+    assert [m.cookie for m in found] == [42]
+    with pytest.raises(OSError) as refused:
+        _replay_diag([_nlmsg(netlink.NLMSG_ERROR, struct.pack("=i", -errno.EPERM))])
+    assert refused.value.errno == errno.EPERM and "EPERM" in str(refused.value)
+    with pytest.raises(OSError) as truncated:
+        _replay_diag([_nlmsg(netlink.NLMSG_ERROR, b"\1\2")])
+    assert truncated.value.errno == errno.EPROTO
 
 
 # -- cgroup paths ---------------------------------------------------------------------------
