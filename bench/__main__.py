@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--items 1,2,3,4,5]``: runs the benchmark items, prints their
+"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items, prints their
 tables and writes bench/RESULTS.md (machine, load, command lines, numbers, targets met).
 """
 
@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import accuracy, capacity, overhead, pipeline
+from bench import accuracy, capacity, overhead, pipeline, snapshot
 from bench.common import REPO, Item, foreign_cgroup_programs, loadavg, loadgen, machine
 
 
@@ -50,7 +50,7 @@ def _failed(title: str) -> Item:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 12 minutes)")
-    parser.add_argument("--items", default="1,2,3,4,5", help="comma-separated item numbers")
+    parser.add_argument("--items", default="1,2,3,4,5,6", help="comma-separated item numbers")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -70,6 +70,7 @@ def main() -> int:
         ("4", "4./5. Latency and memory",
          lambda: pipeline.with_sensor(run_dir / "stack", args.quick, "4" in wanted,
                                       "5" in wanted)),
+        ("6", "6. Netlink snapshot", lambda: [snapshot.run(run_dir / "snapshot", args.quick)]),
     ]
     if "5" in wanted:
         wanted.add("4")
