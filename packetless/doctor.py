@@ -76,10 +76,13 @@ def _bcc() -> Check:
 
 
 def _tracefs() -> Check:
-    events = Path("/sys/kernel/tracing/events/sock/inet_sock_set_state")
-    if events.exists():
-        return Check("tracefs", True, "sock:inet_sock_set_state present")
-    return Check("tracefs", False, f"{events} missing",
+    events = Path("/sys/kernel/tracing/events")
+    wanted = ("sock/inet_sock_set_state", "sock/sock_send_length", "sched/sched_process_exec",
+              "sched/sched_process_exit", "sched/sched_process_fork")
+    missing = [name for name in wanted if not (events / name).exists()]
+    if not missing:
+        return Check("tracefs", True, "sock and sched tracepoints present (flows, lineage)")
+    return Check("tracefs", False, f"missing under {events}: {', '.join(missing)}",
                  "mount -t tracefs nodev /sys/kernel/tracing")
 
 
