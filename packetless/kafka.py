@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 import fastavro.validation
@@ -32,6 +32,7 @@ from packetless.spool import DEFAULT_MAX_BYTES, Headers, Spool, SpoolRecord, dig
 from packetless.topics import TOPICS, topic_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "enable.idempotence": True,
@@ -594,7 +595,8 @@ def ensure_schemas(codec: Codec, suffixes: Iterable[str] | None = None) -> dict[
     registry here, before anything is produced with it.
     """
     ids: dict[str, int] = {}
-    codec.client.set_compatibility(level="BACKWARD")  # the default for subjects created later
+    _retry_conflict(functools.partial(codec.client.set_compatibility,
+                                      level="BACKWARD"))  # the default for subjects created later
     subjects = set(codec.client.get_subjects())
     for suffix in suffixes or TOPICS:
         schema_name = TOPICS[suffix].schema
@@ -602,9 +604,25 @@ def ensure_schemas(codec: Codec, suffixes: Iterable[str] | None = None) -> dict[
             continue
         subject = f"{topic_name(codec.settings, suffix)}-value"
         if subject not in subjects:
-            codec.client.set_compatibility(subject, "BACKWARD")
-        ids[subject] = codec.client.register_schema(subject, Schema(schemas.text(schema_name), "AVRO"))
+            _retry_conflict(functools.partial(codec.client.set_compatibility, subject, "BACKWARD"))
+        schema = Schema(schemas.text(schema_name), "AVRO")
+        ids[subject] = _retry_conflict(functools.partial(codec.client.register_schema, subject,
+                                                         schema))
     return ids
+
+
+def _retry_conflict(call: Callable[[], T], attempts: int = 4) -> T:
+    """``call()``, retried on HTTP 409: the registry answers it when another process creates
+    the same subject or rule at the same moment (workers starting together); both calls are
+    idempotent. A BACKWARD-incompatible schema stays refused and raises after the last try."""
+    for attempt in range(1, attempts):
+        try:
+            return call()
+        except SchemaRegistryError as exc:
+            if exc.http_status_code != 409:
+                raise
+            time.sleep(0.2 * attempt)
+    return call()
 
 
 def consumer(settings: Settings, group: str | None, **overrides: Any) -> Consumer:

@@ -1,12 +1,13 @@
 """The Faust stream worker: raw sensor records -> enriched flows (Avro, ECS, OCSF) and
 per-container/pod windows, with state in RocksDB tables (rocksdict) backed by changelog topics.
 
-Stages: raw agent (decode, dead-letter, repartition by flow 5-tuple) -> flows agent (flows
-table, flow events, activity repartitioned by container/pod) -> windows agent (windows table,
-ContainerMetrics). Timeouts and window closing run on tick records that a timer sends to each
-assigned partition, so that every table change happens in stream context and is changelogged.
-Every stage works on batches (one internal message per partition per batch, one table write
-per key per batch); output records go through librdkafka, flushed before their input is acked.
+Stages: raw stage (a librdkafka consumer thread outside Faust: decode, dead-letter, repartition
+by flow 5-tuple) -> flows agent (flows table, flow events, activity repartitioned by
+container/pod) -> windows agent (windows table, ContainerMetrics). Timeouts and window closing
+run on tick records that a timer sends to each assigned partition, so that every table change
+happens in stream context and is changelogged. Every stage works on batches (one internal
+message per partition per batch, one table write per key per batch); output records go through
+librdkafka, flushed before their input is acked.
 """
 
 from __future__ import annotations
@@ -14,22 +15,40 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import weakref
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 from aiokafka import AIOKafkaConsumer
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import NewTopic
 from faust.streams import _current_event
+from mode.utils.times import want_seconds
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PCounter
 
 from packetless.config import Settings
-from packetless.kafka import PRODUCER_DEFAULTS, dead_letter_record, ensure_schemas, ensure_topics
+from packetless.kafka import (
+    PRODUCER_DEFAULTS,
+    admin,
+    dead_letter_record,
+    ensure_schemas,
+    ensure_topics,
+)
 from packetless.serde import Codec, DecodeError
 from packetless.topics import topic_name
 from streams import ecs, ocsf
@@ -43,6 +62,7 @@ from streams.flows import (
     activity,
     due,
     expired,
+    network,
     next_due,
     observe,
 )
@@ -55,6 +75,8 @@ log = logging.getLogger(__name__)
 
 TICK = b"\x00tick"
 BATCH_KEY = b"\x00batch"  # internal messages carry a list of observations or activities
+LOCAL_KEY = b"\x00local"  # ... or [host, address] pairs of local sockets (see RawStage)
+LOCAL_RESEND_S = 30.0  # how often a raw stage sends all the local addresses it knows again
 BATCH_MAX = 5000  # records per batch of a stage
 BATCH_WITHIN_S = 0.02  # a stage waits at most this long to fill a batch
 METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
@@ -106,6 +128,7 @@ class Metrics:
                              ["error_type"], registry=r)
         self.flow_events = PCounter("packetless_streams_flow_events", "Flow events emitted",
                                     ["type"], registry=r)
+        self.flow_event_types = {t: self.flow_events.labels(t) for t in ("START", "UPDATE", "END")}
         self.windows = PCounter("packetless_streams_window_records",
                                 "ContainerMetrics records emitted", ["entity_type"], registry=r)
         self.errors = PCounter("packetless_streams_processing_errors",
@@ -114,7 +137,7 @@ class Metrics:
                              "Activity that arrived after its window was emitted", registry=r)
         self.rate = Gauge("packetless_streams_events_per_second",
                           "Raw records processed per second (last 10 s)", registry=r)
-        self.lag = Gauge("packetless_streams_consumer_lag", "Records not yet processed",
+        self.lag = Gauge("packetless_streams_consumer_lag", "Raw records not yet processed",
                          ["topic", "partition"], registry=r)
         self.tables = Gauge("packetless_streams_table_keys", "Keys in a local table",
                             ["table"], registry=r)
@@ -177,25 +200,165 @@ class Outputs:
         if err is not None:
             self.errors.append(f"{msg.topic()}: {err}")
 
-    def send(self, suffix: str, key: bytes | None, value: bytes) -> None:
+    def send(self, suffix: str, key: bytes | None, value: bytes, partition: int = -1) -> None:
         while True:
             try:
-                self.producer.produce(self.topics[suffix], value, key)
+                self.producer.produce(self.topics[suffix], value, key, partition)
                 break
             except BufferError:
                 self.producer.poll(0.05)
         self.pending += 1
 
     async def flush(self) -> None:
+        """Wait (off the event loop) until every record sent so far is delivered."""
+        if self.pending or self.errors:
+            await asyncio.get_running_loop().run_in_executor(None, self.flush_now)
+
+    def flush_now(self) -> None:
         """Wait until every record sent so far is delivered; raises if one could not be."""
         if self.pending:
             self.pending = 0
-            left = await asyncio.get_running_loop().run_in_executor(None, self.producer.flush,
-                                                                    120.0)
+            left = self.producer.flush(120.0)
             if left:
                 raise RuntimeError(f"{left} output records not delivered in 120 s")
         if self.errors:
             raise RuntimeError(f"output records not delivered: {self.errors[:3]}")
+
+
+class RawStage:
+    """Stage 1, in its own thread and outside Faust: a librdkafka consumer of the raw topics (in
+    the consumer group ``<workers group>-raw``) decodes each batch into observations, sends them
+    to the internal sockets topic (one message per flows partition), and stores the batch's
+    offsets once that is delivered (at least once). Faust's consumer reads a few thousand records
+    a second here, librdkafka's hundreds of thousands: raw records are most of the input."""
+
+    def __init__(self, settings: Settings, group: str, sockets_topic: str, partitions: int,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.group = group
+        self.partitions = partitions
+        self.metrics = metrics
+        codec = Codec(settings)
+        self.decoder = RawDecoder(codec)
+        self.encoder = AvroEncoder(codec)
+        self.outputs = Outputs(settings)
+        self.outputs.topics["sockets"] = sockets_topic
+        self.listeners = Listeners()
+        self.local: dict[tuple[str, str | None], str] = {}  # (host, network) -> an address
+        self.local_sent = 0.0
+        self.topics = {topic_name(settings, s): s for s in ("raw.ebpf", "raw.netlink")}
+        self.lag: dict[tuple[str, int], int] = {}
+        self.lag_at = 0.0
+        self.assigned: list[str] = []
+        self.joined = threading.Event()  # the first assignment (possibly empty) came
+        self.consumer = Consumer({**settings.kafka_config(), "group.id": f"{group}-raw",
+                                  "enable.auto.commit": True, "enable.auto.offset.store": False,
+                                  "auto.offset.reset": "earliest", "session.timeout.ms": 10000,
+                                  "heartbeat.interval.ms": 2000})
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set (within a batch interval); closes the consumer."""
+        self.consumer.subscribe(list(self.topics), on_assign=self._assigned,
+                                on_revoke=self._revoked)
+        try:
+            while not stop.is_set():
+                msgs = self.consumer.consume(BATCH_MAX, BATCH_WITHIN_S)
+                if msgs:
+                    self.batch(msgs)
+                if msgs or time.monotonic() - self.lag_at >= 0.5:
+                    self._measure_lag()
+        finally:
+            self.consumer.close()
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions this group never committed start where the worker's Faust group, which
+        read the raw topics before this stage existed, had got to (not at the beginning)."""
+        fresh = [tp for tp in consumer.committed(partitions, timeout=30) if tp.offset < 0]
+        if fresh:
+            legacy = Consumer({**self.settings.kafka_config(), "group.id": self.group})
+            try:
+                starts = {(tp.topic, tp.partition): tp.offset
+                          for tp in legacy.committed(fresh, timeout=30) if tp.offset >= 0}
+            finally:
+                legacy.close()
+            for tp in partitions:
+                tp.offset = starts.get((tp.topic, tp.partition), tp.offset)
+        consumer.assign(partitions)
+        self.assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
+        self.joined.set()
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = []
+        self.lag.clear()
+
+    def batch(self, msgs: list[Message]) -> None:
+        """Observations of ``msgs`` to the flows partitions of their flows, then the offsets."""
+        rows: dict[int, list[list[Any]]] = {}
+        read: dict[str, int] = {}
+        ends: dict[tuple[str, int], int] = {}
+        known = len(self.local)
+        for msg in msgs:
+            if msg.error():
+                log.warning("raw consumer: %s", msg.error())
+                continue
+            topic = msg.topic()
+            read[topic] = read.get(topic, 0) + 1
+            ends[(topic, msg.partition())] = msg.offset() + 1
+            obs = self.observation(msg)
+            if obs is not None:
+                partition = _partition(obs.flow_key().encode(), self.partitions)
+                rows.setdefault(partition, []).append(obs.to_row())
+                self.local.setdefault((obs.host, network(obs.local_ip)), obs.local_ip)
+        if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
+            self.local_sent = time.monotonic()
+            pairs = _json([[host, ip] for (host, _net), ip in self.local.items()])
+            for partition in range(self.partitions):  # before the batch's observations
+                self.outputs.send("sockets", LOCAL_KEY, pairs, partition)
+        for partition, items in rows.items():
+            self.outputs.send("sockets", BATCH_KEY, _json(items), partition)
+        self.outputs.flush_now()
+        for topic, count in read.items():
+            self.metrics.records.labels(self.topics[topic]).inc(count)
+        self.metrics.total += sum(read.values())
+        if ends:
+            self.consumer.store_offsets(offsets=[TopicPartition(t, p, offset)
+                                                 for (t, p), offset in ends.items()])
+
+    def _measure_lag(self) -> None:
+        """Records after the position of each assigned partition (read from the high
+        watermarks the latest fetches brought); partitions not read yet are left out."""
+        self.lag_at = time.monotonic()
+        for tp in self.consumer.position(self.consumer.assignment()):
+            high = self.consumer.get_watermark_offsets(tp, cached=True)[1]
+            if tp.offset >= 0 and high >= 0:
+                self.lag[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+
+    def observation(self, msg: Message) -> Observation | None:
+        """The observation of one raw record; None for records without one (and for bad
+        records, which go to the DLQ)."""
+        suffix = self.topics[msg.topic()]
+        try:
+            record = self.decoder.decode(suffix, msg.value())
+        except DecodeError as exc:
+            self.dead_letter(msg, exc.kind, exc.reason)
+            return None
+        try:
+            return (from_ebpf(record) if suffix == "raw.ebpf"
+                    else from_netlink(record, self.listeners)) if record else None
+        except (KeyError, TypeError, ValueError) as exc:
+            self.dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def dead_letter(self, msg: Message, kind: str, reason: str) -> None:
+        """Keep ``msg`` unchanged on the DLQ with why it could not be processed."""
+        self.metrics.dead.labels(kind).inc()
+        ts_type, ts = msg.timestamp()
+        value = self.encoder.encode("dlq", dead_letter_record(
+            topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
+            timestamp_ms=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None, key=msg.key(),
+            value=msg.value(), headers=list(msg.headers() or []), kind=kind, reason=reason,
+            consumer="streams", host=self.settings.host_name))
+        self.outputs.send("dlq", msg.key(), value)
 
 
 class Worker:
@@ -213,10 +376,8 @@ class Worker:
         self.entity_cache: dict[int, dict[bytes, EntityState]] = {}
         self.meta = MetaCache()
         self.meta_ready = asyncio.Event()
-        self.listeners = Listeners()
         self.metrics = Metrics()
         self.latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        self.offsets: dict[tuple[str, int], int] = {}
         self.due: dict[int, dict[bytes, int]] = {}  # partition -> flow key -> next due time
         self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
         self.indexed: set[int] = set()
@@ -243,73 +404,68 @@ class Worker:
         # 0.1 s steps, and one batch writes up to a few thousand keys
         app.producer.buffer.max_messages = 4 * BATCH_MAX
 
-        def raw(*suffixes: str) -> faust.TopicT:
-            return app.topic(*(topic_name(settings, s) for s in suffixes), key_serializer="raw",
-                             value_serializer="raw")
-
-        self.raw_topic = raw("raw.ebpf", "raw.netlink")
         self.sockets_topic = app.topic(f"{workers_group}-sockets", internal=True, partitions=n,
                                        key_serializer="raw", value_serializer="json")
         self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
                                         key_serializer="raw", value_serializer="json")
-        # keys are bytes (raw), values JSON-able dicts of the dataclasses' state
-        self.flows = app.Table("flows", default=None, partitions=n, key_type=bytes)
-        self.entities = app.Table("entities", default=None, partitions=n, key_type=bytes)
-        app.agent(self.raw_topic, name="raw")(self.raw_agent)
+        # keys are bytes, values the JSON of the dataclasses' state (``_json``, ``_state``):
+        # encoded once here, where Faust's JSON serializer would encode twice (store, changelog)
+        self.flows = app.Table("flows", default=None, partitions=n, key_type=bytes,
+                               value_type=bytes)
+        self.entities = app.Table("entities", default=None, partitions=n, key_type=bytes,
+                                  value_type=bytes)
         app.agent(self.sockets_topic, name="flows")(self.flows_agent)
         app.agent(self.activity_topic, name="windows")(self.windows_agent)
         app.timer(options.tick_s)(self.tick)
         app.on_partitions_revoked.connect(self.on_revoked)
         app.task(self.metadata_task)
+        self.raw = RawStage(settings, workers_group, self.sockets_topic.get_topic_name(), n,
+                            self.metrics)
+        self.raw_thread = ThreadPoolExecutor(1, thread_name_prefix="raw-stage")
+        app.task(self.raw_task)
         for path, view in (("/containers", self.view_containers), ("/pods", self.view_pods),
                            ("/flows", self.view_flows), ("/healthz", self.view_health),
                            ("/metrics", self.view_metrics)):
             app.page(path)(_as_view(view))
 
-    # -- stage 1: raw records -> observations keyed by flow
+    def create_internal_topics(self) -> None:
+        """The app's internal topics (repartition topics, table changelogs) as Faust would
+        declare them, created before it starts: Faust declares them as its consumer joins the
+        group, which may then not see them yet, ignore them for minutes, or stop on a table
+        whose changelog seems to have 0 partitions. The raw stage also sends to one."""
+        wanted = []
+        for topic in (self.sockets_topic, self.activity_topic, self.flows.changelog_topic,
+                      self.entities.changelog_topic):
+            config = {key: str(value) for key, value in (topic.config or {}).items()}
+            policy = [name for name, on in (("compact", topic.compacting),
+                                            ("delete", topic.deleting)) if on]
+            if policy:
+                config["cleanup.policy"] = ",".join(policy)
+            if topic.retention:
+                config["retention.ms"] = str(round(want_seconds(topic.retention) * 1000))
+            wanted.append(NewTopic(topic.get_topic_name(), num_partitions=topic.partitions,
+                                   replication_factor=1, config=config))
+        client = admin(self.settings)
+        existing = set(client.list_topics(timeout=30).topics)
+        new = [t for t in wanted if t.topic not in existing]
+        for future in (client.create_topics(new, operation_timeout=30).values() if new else ()):
+            try:
+                future.result()
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
 
-    async def raw_agent(self, stream: faust.StreamT) -> None:
-        """Batches of raw records -> one message of observations per flows partition."""
-        n = self.options.partitions
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            batches: dict[int, list[dict[str, Any]]] = {}
-            for event in events:
-                obs = self._observation(event.message)
-                if obs is not None:
-                    key = obs.flow_key().encode()
-                    batches.setdefault(_partition(key, n), []).append(obs.to_dict())
-            for partition, items in batches.items():
-                await self.sockets_topic.send(key=BATCH_KEY, value=items, partition=partition)
-            await self.outputs.flush()
+    # -- stage 1: raw records -> observations keyed by flow (see RawStage)
 
-    def _observation(self, msg: Any) -> Observation | None:
-        """The observation of one raw record; None for records without one (and for bad
-        records, which go to the DLQ)."""
-        suffix = msg.topic.removeprefix(self.settings.topic_prefix)
-        self.metrics.records.labels(suffix).inc()
-        self._processed(msg.topic, msg.partition, msg.offset)
+    async def raw_task(self) -> None:
+        """Runs stage 1 in its own thread (the internal topics exist: see ``main``); a failure
+        of the stage crashes the worker."""
+        stop = threading.Event()
         try:
-            record = self.decoder.decode(suffix, msg.value)
-        except DecodeError as exc:
-            self.dead_letter(msg, exc.kind, exc.reason)
-            return None
-        try:
-            return (from_ebpf(record) if suffix == "raw.ebpf"
-                    else from_netlink(record, self.listeners)) if record else None
-        except (KeyError, TypeError, ValueError) as exc:
-            self.dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
-            return None
-
-    def dead_letter(self, msg: Any, kind: str, reason: str) -> None:
-        """Keep ``msg`` unchanged on the DLQ with why it could not be processed."""
-        self.metrics.dead.labels(kind).inc()
-        headers = msg.headers.items() if isinstance(msg.headers, dict) else (msg.headers or [])
-        value = self.encoder.encode("dlq", dead_letter_record(
-            topic=msg.topic, partition=msg.partition, offset=msg.offset,
-            timestamp_ms=round(msg.timestamp * 1000) if msg.timestamp else None, key=msg.key,
-            value=msg.value, headers=list(headers), kind=kind, reason=reason, consumer="streams",
-            host=self.settings.host_name))
-        self.outputs.send("dlq", msg.key, value)
+            await asyncio.get_running_loop().run_in_executor(self.raw_thread, self.raw.run, stop)
+        finally:
+            stop.set()
+            self.raw_thread.shutdown(wait=True)
 
     # -- stage 2: flows
 
@@ -324,9 +480,13 @@ class Worker:
                 if event.key == TICK:
                     self.flows_tick(event, now, batch)
                     continue
+                if event.key == LOCAL_KEY:
+                    for host, ip in event.value:
+                        self.local.add(host, ip)
+                    continue
                 for item in event.value:
                     try:
-                        self.flow_event(event, Observation.from_dict(item), now, batch)
+                        self.flow_event(event, Observation.from_row(item), now, batch)
                     except Exception:  # a bug must not stop the stream; counted and logged
                         self.metrics.errors.labels("flows").inc()
                         log.exception("flows: cannot process %r", item)
@@ -339,7 +499,7 @@ class Worker:
         touched = batch.flows.get(key)
         if touched is None:
             _current_event.set(weakref.ref(event))
-            stored = self.flows.get(key)
+            stored = _state(self.flows.get(key))
             touched = batch.flows[key] = Touched(event, FlowState.from_dict(stored) if stored
                                                  else None, stored)
         return touched
@@ -347,7 +507,6 @@ class Worker:
     def flow_event(self, event: Any, obs: Observation, now: int, batch: FlowBatch) -> None:
         """Fold one socket observation into its flow; publish what an older flow of the same
         tuple owed; pass the socket's activity on."""
-        self.local.add(obs.host, obs.local_ip)
         touched = self._load(event, obs.flow_key().encode(), batch)
         state, owed, sock = observe(touched.state, obs, now, event.message.partition)
         for old, emission in owed:
@@ -365,8 +524,9 @@ class Worker:
                 continue
             sig = enrichment(state, self.meta)
             peer = state.missing_peer()
-            for emission in due(state, now, self.options.flow, sig,
-                                peer is not None and self.local.may_be_local(state.host, peer)):
+            own = [sock.local_ip for sock in state.sockets.values()]
+            for emission in due(state, now, self.options.flow, sig, peer is not None
+                                and self.local.may_be_local(state.host, peer, own)):
                 self.publish_flow(state, emission, now)
             index = self.due.setdefault(state.partition, {})
             incomplete = self.incomplete.setdefault(state.partition, set())
@@ -383,7 +543,7 @@ class Worker:
                 incomplete.discard(key)
             value = state.to_dict()
             if value != touched.stored:
-                self.flows[key] = value
+                self.flows[key] = _json(value)
 
     def report(self, state: FlowState, sock: Any, batch: FlowBatch) -> None:
         """Pass what a socket of a container did on to the windows of its container and pod."""
@@ -405,7 +565,8 @@ class Worker:
         partition = event.message.partition
         index = self.due.setdefault(partition, {})
         if partition not in self.indexed:
-            for key, stored in self.flows.items():
+            for key, data in self.flows.items():
+                stored = _state(data)
                 if stored and stored["partition"] == partition:
                     index[key] = 0
             self.indexed.add(partition)
@@ -427,7 +588,7 @@ class Worker:
     def publish_flow(self, state: FlowState, emission: Emission, now: int) -> None:
         record = flow_record(state, emission, self.meta, now)
         key = record["flow_id"].encode()
-        self.metrics.flow_events.labels(emission.type).inc()
+        self.metrics.flow_event_types[emission.type].inc()
         self.outputs.send("flows", key, self.encoder.encode("flows", record))
         for doc in ecs.documents(record):
             self.outputs.send("flows.ecs", key, _json(doc))
@@ -464,8 +625,8 @@ class Worker:
             for key, (event, state) in changed.items():
                 _current_event.set(weakref.ref(event))
                 if state is not None:
-                    self.entities[key] = {"partition": event.message.partition,
-                                          "state": state.to_dict()}
+                    self.entities[key] = _json({"partition": event.message.partition,
+                                                "state": state.to_dict()})
                 elif self.entities.get(key) is not None:
                     del self.entities[key]
             await self.outputs.flush()
@@ -475,7 +636,8 @@ class Worker:
         states = self.entity_cache.get(partition)
         if states is None:
             states = self.entity_cache[partition] = {
-                key: EntityState.from_dict(stored["state"]) for key, stored in self.entities.items()
+                key: EntityState.from_dict(stored["state"])
+                for key, stored in ((k, _state(v)) for k, v in self.entities.items())
                 if stored and stored["partition"] == partition}
         return states
 
@@ -604,7 +766,8 @@ class Worker:
         wanted = request.query.get("container")
         now = _now_ms()
         flows = []
-        for stored in list(self.flows.values()):
+        for data in list(self.flows.values()):
+            stored = _state(data)
             if not stored:
                 continue
             state = FlowState.from_dict(stored)
@@ -622,31 +785,27 @@ class Worker:
                          "partial": len(mine) < self.options.partitions})
 
     async def view_health(self, web: Any, request: Any) -> Any:
-        ok = self.meta_ready.is_set()
-        body = {"status": "ok" if ok else "starting", "metadata_ready": ok,
+        """``ok`` once the metadata present at start was read and the raw stage joined its
+        consumer group (it processes what comes from then on)."""
+        ok = self.meta_ready.is_set() and self.raw.joined.is_set()
+        body = {"status": "ok" if ok else "starting", "metadata_ready": self.meta_ready.is_set(),
+                "raw_joined": self.raw.joined.is_set(),
                 "uptime_s": round(time.time() - self.started, 1),
-                "partitions": sorted(f"{tp.topic}:{tp.partition}"
-                                     for tp in self.app.assignor.assigned_actives())}
+                "partitions": sorted([f"{tp.topic}:{tp.partition}"
+                                      for tp in self.app.assignor.assigned_actives()]
+                                     + self.raw.assigned)}
         return web.json(body, status=200 if ok else 503)
 
     async def view_metrics(self, web: Any, request: Any) -> Any:
         m = self.metrics
-        consumer = self.app.consumer
-        for tp in consumer.assignment():
-            done = self.offsets.get((tp.topic, tp.partition))
-            high = consumer.highwater(tp)
-            if high is not None:
-                m.lag.labels(tp.topic, str(tp.partition)).set(max(high - (done + 1 if done is not None
-                                                                           else 0), 0))
+        m.lag.clear()
+        for (topic, partition), lag in list(self.raw.lag.items()):
+            m.lag.labels(topic, str(partition)).set(lag)
         m.tables.labels("flows").set(sum(1 for _ in self.flows))
         m.tables.labels("entities").set(sum(1 for _ in self.entities))
         m.meta.labels("containers").set(len(self.meta.containers))
         m.meta.labels("processes").set(len(self.meta.processes))
         return web.bytes(generate_latest(m.registry), content_type=PROMETHEUS_TYPE)
-
-    def _processed(self, topic: str, partition: int, offset: int) -> None:
-        self.offsets[(topic, partition)] = offset
-        self.metrics.total += 1
 
     def _rate(self) -> None:
         samples = self.metrics.processed
@@ -674,8 +833,16 @@ def _now_ms() -> int:
     return round(time.time() * 1000)
 
 
-def _json(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode()
+_JSON = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+
+
+def _json(doc: Any) -> bytes:
+    return _JSON.encode(doc).encode()
+
+
+def _state(data: bytes | None) -> Any:
+    """A table value (``_json`` bytes, or JSON that Faust's serializer wrote; None: deleted)."""
+    return json.loads(data) if data else None
 
 
 def _ssl_context(settings: Settings) -> Any:
@@ -717,10 +884,10 @@ def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
          workers_group: str = "packetless-streams", **tuning: Any) -> int:
     """Run one worker until SIGINT/SIGTERM; returns the exit code."""
     options = StreamOptions.from_options(**tuning)
-    logging.getLogger("communityid").setLevel(logging.WARNING)  # it logs every computation
     ensure_topics(settings)
     ensure_schemas(Codec(settings))
     worker = Worker(settings, workers_group, web_host, web_port, options)
+    worker.create_internal_topics()
     faust_worker = faust.Worker(worker.app, loglevel=logging.getLogger().getEffectiveLevel()
                                 or logging.INFO, quiet=True)
     faust_worker.spinner = None  # its handler would turn the root logger to DEBUG (costly)

@@ -5,6 +5,7 @@ local socket of the flow, ``source`` the initiator and ``destination`` the respo
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 ACTIONS = {"START": "flow_start", "UPDATE": "flow_update", "END": "flow_end"}
@@ -12,6 +13,7 @@ EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connectio
                "flow_end": ["connection", "end"], "connection_failed": ["connection", "error"]}
 
 
+@lru_cache(maxsize=65536)  # the events of a flow, and of a batch, share many of their times
 def iso(ns: int) -> str:
     """Epoch nanoseconds as an ISO 8601 UTC timestamp with microseconds."""
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="microseconds").replace(
@@ -26,10 +28,18 @@ def action(flow: dict[str, Any]) -> str:
 
 def drop_empty(value: Any) -> Any:
     """``value`` without None values and empty objects (ECS: fields appear when known)."""
-    if isinstance(value, dict):
-        cleaned = {k: drop_empty(v) for k, v in value.items()}
-        return {k: v for k, v in cleaned.items() if v is not None and v != {}}
-    return value
+    if type(value) is not dict:
+        return value
+    out = {}
+    for key, item in value.items():
+        if item is None:
+            continue
+        if type(item) is dict:
+            item = drop_empty(item)
+            if not item:
+                continue
+        out[key] = item
+    return out
 
 
 def process_fields(proc: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -68,37 +78,52 @@ def orchestrator_fields(ref: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def documents(flow: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ECS documents of a ``packetless.Flow`` record, one per local end."""
-    return [document(flow, side) for side in ("client", "server") if flow[side]["local"]]
+    """The ECS documents of a ``packetless.Flow`` record, one per local end. What both documents
+    have in common is built once, and they share it (read-only)."""
+    sides = [side for side in ("client", "server") if flow[side]["local"]]
+    if not sides:
+        return []
+    common = _common(flow)
+    ends = {side: _end(flow[side]) for side in ("client", "server")}
+    return [_document(flow, common, side, ends) for side in sides]
 
 
-def document(flow: dict[str, Any], side: str) -> dict[str, Any]:
-    """The ECS document of ``flow`` seen from its local ``side`` (client or server)."""
-    me = flow[side]
-    peer = flow["server" if side == "client" else "client"]
+def _end(end: dict[str, Any]) -> dict[str, Any]:
+    """The ECS fields of one end of a flow (its process and container), without empty values."""
+    out = {}
+    if end["process"]:
+        out["process"] = drop_empty(process_fields(end["process"]))
+    if end["container"]:
+        out["container"] = drop_empty(container_fields(end["container"]))
+        orchestrator = orchestrator_fields(end["container"])
+        if orchestrator:
+            out["orchestrator"] = drop_empty(orchestrator)
+    return out
+
+
+def _common(flow: dict[str, Any]) -> dict[str, Any]:
+    """The fields that do not depend on the side a document is seen from (only ``event.end``
+    and ``event.reason`` may be unknown)."""
     client, server = flow["client"], flow["server"]
     act = action(flow)
-    start_ns = flow["start_ns"]
-    last_ns = flow["end_ns"] or max(flow["timestamp_ms"] * 1_000_000, start_ns)
-    proc = process_fields(me["process"])
-    doc: dict[str, Any] = {
+    start_ns, end_ns = flow["start_ns"], flow["end_ns"]
+    last_ns = end_ns or max(flow["timestamp_ms"] * 1_000_000, start_ns)
+    event = {"kind": "event", "category": ["network"], "type": EVENT_TYPES[act], "action": act,
+             "outcome": "failure" if act == "connection_failed" else "success",
+             "dataset": "packetless.flows", "module": "packetless", "start": iso(start_ns),
+             "duration": max(last_ns - start_ns, 0),
+             "created": iso(flow["emitted_ms"] * 1_000_000)}
+    if end_ns:
+        event["end"] = iso(end_ns)
+    if flow["error"] is not None:
+        event["reason"] = flow["error"]
+    return {
         "@timestamp": iso(flow["timestamp_ms"] * 1_000_000),
         "ecs": {"version": "8.11.0"},
-        "event": {
-            "kind": "event", "category": ["network"], "type": EVENT_TYPES[act], "action": act,
-            "outcome": "failure" if act == "connection_failed" else "success",
-            "id": f"{flow['flow_id']}-{flow['sequence']}-{me['socket_cookie']}",
-            "dataset": "packetless.flows", "module": "packetless",
-            "start": iso(start_ns), "end": iso(flow["end_ns"]) if flow["end_ns"] else None,
-            "duration": max(last_ns - start_ns, 0),
-            "created": iso(flow["emitted_ms"] * 1_000_000),
-            "reason": flow["error"],
-        },
+        "event": event,
         "network": {
             "transport": flow["transport"], "type": flow["family"],
-            "iana_number": str(flow["iana_number"]),
-            "direction": "egress" if side == "client" else "ingress",
-            "community_id": flow["community_id"],
+            "iana_number": str(flow["iana_number"]), "community_id": flow["community_id"],
             "bytes": flow["client_bytes"] + flow["server_bytes"],
             "packets": flow["client_packets"] + flow["server_packets"],
         },
@@ -106,23 +131,38 @@ def document(flow: dict[str, Any], side: str) -> dict[str, Any]:
                    "packets": flow["client_packets"]},
         "destination": {"ip": server["ip"], "port": server["port"], "bytes": flow["server_bytes"],
                         "packets": flow["server_packets"]},
-        "process": proc and {k: v for k, v in proc.items() if k != "group"},
-        "user": proc and proc["user"],
-        "group": proc and proc["group"],
-        "container": container_fields(me["container"]),
-        "orchestrator": orchestrator_fields(me["container"]),
         "host": {"name": flow["host_name"]},
         "related": {"ip": sorted({client["ip"], server["ip"]})},
-        "packetless": {
-            "flow_id": flow["flow_id"], "flow_event": flow["type"], "sequence": flow["sequence"],
-            "end_reason": flow["end_reason"], "socket_cookie": me["socket_cookie"],
-            "netns_inode": me["netns_inode"],
-            "tcp": {"rtt_us": me["srtt_us"], "rtt_var_us": me["rttvar_us"],
-                    "retransmits": me["retransmits"], "state": me["tcp_state"]}
-            if flow["transport"] == "tcp" else None,
-            "peer": {"process": process_fields(peer["process"]),
-                     "container": container_fields(peer["container"]),
-                     "socket_cookie": peer["socket_cookie"]} if peer["local"] else None,
-        },
     }
-    return drop_empty(doc)
+
+
+def _document(flow: dict[str, Any], common: dict[str, Any], side: str,
+              ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ECS document of ``flow`` seen from its local ``side`` (client or server)."""
+    me = flow[side]
+    peer_side = "server" if side == "client" else "client"
+    peer, mine, theirs = flow[peer_side], ends[side], ends[peer_side]
+    doc = dict(common)
+    doc["event"] = {**common["event"],
+                    "id": f"{flow['flow_id']}-{flow['sequence']}-{me['socket_cookie']}"}
+    doc["network"] = {**common["network"], "direction": "egress" if side == "client" else "ingress"}
+    proc = mine.get("process")
+    if proc is not None:
+        doc["process"] = {k: v for k, v in proc.items() if k != "group"}
+        for key in ("user", "group"):
+            if key in proc:
+                doc[key] = proc[key]
+    for key in ("container", "orchestrator"):
+        if key in mine:
+            doc[key] = mine[key]
+    ours = {"flow_id": flow["flow_id"], "flow_event": flow["type"], "sequence": flow["sequence"],
+            "end_reason": flow["end_reason"], "socket_cookie": me["socket_cookie"],
+            "netns_inode": me["netns_inode"]}
+    if flow["transport"] == "tcp":
+        ours["tcp"] = {"rtt_us": me["srtt_us"], "rtt_var_us": me["rttvar_us"],
+                       "retransmits": me["retransmits"], "state": me["tcp_state"]}
+    if peer["local"]:
+        ours["peer"] = {"process": theirs.get("process"), "container": theirs.get("container"),
+                        "socket_cookie": peer["socket_cookie"]}
+    doc["packetless"] = drop_empty(ours)
+    return doc

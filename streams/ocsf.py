@@ -47,53 +47,75 @@ def _container(ref: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _endpoint(end: dict[str, Any], host: str) -> dict[str, Any]:
-    return {"ip": end["ip"], "port": end["port"], "hostname": host if end["local"] else None,
-            "container": _container(end["container"])}
+    out = {"ip": end["ip"], "port": end["port"]}
+    if end["local"]:
+        out["hostname"] = host
+    if end["container"]:
+        out["container"] = drop_empty(_container(end["container"]))
+    return out
 
 
 def events(flow: dict[str, Any]) -> list[dict[str, Any]]:
-    """The OCSF events of a ``packetless.Flow`` record, one per local end."""
-    return [event(flow, side) for side in ("client", "server") if flow[side]["local"]]
-
-
-def event(flow: dict[str, Any], side: str) -> dict[str, Any]:
-    """The OCSF Network Activity event of ``flow`` seen from its local ``side``."""
-    me = flow[side]
+    """The OCSF events of a ``packetless.Flow`` record, one per local end. What both events have
+    in common is built once (only the error and the end time may be unknown there), and they
+    share it (read-only)."""
+    sides = [side for side in ("client", "server") if flow[side]["local"]]
+    if not sides:
+        return []
     activity_id, activity_name = _activity(flow)
     failed = flow["end_reason"] == "failed"
     start_ms = flow["start_ns"] // 1_000_000
     end_ms = flow["end_ns"] // 1_000_000 if flow["end_ns"] else None
-    outbound = side == "client"
-    return drop_empty({
+    host = flow["host_name"]
+    common = {
         "class_uid": 4001, "class_name": "Network Activity",
         "category_uid": 4, "category_name": "Network Activity",
         "activity_id": activity_id, "activity_name": activity_name,
         "type_uid": 4001 * 100 + activity_id, "type_name": f"Network Activity: {activity_name}",
         "severity_id": 1, "severity": "Informational",
         "status_id": 2 if failed else 1, "status": "Failure" if failed else "Success",
-        "status_detail": flow["error"],
-        "time": flow["timestamp_ms"], "start_time": start_ms, "end_time": end_ms,
+        "time": flow["timestamp_ms"], "start_time": start_ms,
         "duration": (end_ms or flow["timestamp_ms"]) - start_ms,
-        "metadata": {"version": OCSF_VERSION, "uid": f"{flow['flow_id']}-{flow['sequence']}-"
-                     f"{me['socket_cookie']}", "correlation_uid": flow["flow_id"],
+        "metadata": {"version": OCSF_VERSION, "correlation_uid": flow["flow_id"],
                      "product": {"name": "Packetless", "vendor_name": "Packetless"},
                      "logged_time": flow["emitted_ms"]},
-        "src_endpoint": _endpoint(flow["client"], flow["host_name"]),
-        "dst_endpoint": _endpoint(flow["server"], flow["host_name"]),
+        "src_endpoint": _endpoint(flow["client"], host),
+        "dst_endpoint": _endpoint(flow["server"], host),
         "connection_info": {"protocol_num": flow["iana_number"], "protocol_name": flow["transport"],
                             "protocol_ver_id": 6 if flow["family"] == "ipv6" else 4,
-                            "direction": "Outbound" if outbound else "Inbound",
-                            "direction_id": 2 if outbound else 1,
                             "community_uid": flow["community_id"], "uid": flow["flow_id"]},
         "traffic": {"bytes_out": flow["client_bytes"], "bytes_in": flow["server_bytes"],
                     "packets_out": flow["client_packets"], "packets_in": flow["server_packets"],
                     "bytes": flow["client_bytes"] + flow["server_bytes"],
                     "packets": flow["client_packets"] + flow["server_packets"]},
-        "actor": {"process": _process(me["process"])},
-        "device": {"hostname": flow["host_name"], "type_id": 0, "type": "Unknown",
-                   "container": _container(me["container"])},
-        "unmapped": {"packetless": {"socket_cookie": me["socket_cookie"],
-                                    "rtt_us": me["srtt_us"], "rtt_var_us": me["rttvar_us"],
-                                    "retransmits": me["retransmits"], "tcp_state": me["tcp_state"],
-                                    "end_reason": flow["end_reason"]}},
-    })
+    }
+    if flow["error"] is not None:
+        common["status_detail"] = flow["error"]
+    if end_ms is not None:
+        common["end_time"] = end_ms
+    return [event(flow, common, side) for side in sides]
+
+
+def event(flow: dict[str, Any], common: dict[str, Any], side: str) -> dict[str, Any]:
+    """The OCSF Network Activity event of ``flow`` seen from its local ``side``, completing the
+    fields ``common`` to both sides."""
+    me = flow[side]
+    outbound = side == "client"
+    doc = dict(common)
+    doc["metadata"] = {**common["metadata"],
+                       "uid": f"{flow['flow_id']}-{flow['sequence']}-{me['socket_cookie']}"}
+    doc["connection_info"] = {**common["connection_info"],
+                              "direction": "Outbound" if outbound else "Inbound",
+                              "direction_id": 2 if outbound else 1}
+    if me["process"]:
+        doc["actor"] = {"process": drop_empty(_process(me["process"]))}
+    device = {"hostname": flow["host_name"], "type_id": 0, "type": "Unknown"}
+    container = common["src_endpoint" if outbound else "dst_endpoint"].get("container")
+    if container:
+        device["container"] = container
+    doc["device"] = device
+    doc["unmapped"] = {"packetless": drop_empty({
+        "socket_cookie": me["socket_cookie"], "rtt_us": me["srtt_us"], "rtt_var_us": me["rttvar_us"],
+        "retransmits": me["retransmits"], "tcp_state": me["tcp_state"],
+        "end_reason": flow["end_reason"]})}
+    return doc

@@ -3,6 +3,7 @@ compatibility BACKWARD refuses a breaking change, and bad bytes end in the DLQ."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -18,7 +19,7 @@ from fastavro.utils import generate_many
 import schemas
 from packetless.config import Settings
 from packetless.consume import consume
-from packetless.kafka import Publisher, consumer, ensure_topics
+from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
 from packetless.serde import Codec
 from packetless.topics import TOPICS, topic_name
 
@@ -92,6 +93,27 @@ def test_backward_compatibility_is_enforced(settings: Settings) -> None:
                                      "type": ["null", "string"], "default": None, "doc": "x"}]}
     new_id = client.register_schema(subject, Schema(json.dumps(compatible), "AVRO"))
     assert client.get_latest_version(subject).schema_id == new_id
+
+
+def test_workers_starting_together_register_the_same_ids(settings: Settings) -> None:
+    """Several processes registering the schemas of a new prefix at once all succeed."""
+    fresh = dataclasses.replace(settings, topic_prefix=f"together{os.getpid()}.")
+    results: list[dict[str, int] | BaseException] = []
+
+    def register() -> None:
+        try:
+            results.append(ensure_schemas(Codec(fresh)))
+        except BaseException as error:  # reported below
+            results.append(error)
+
+    threads = [threading.Thread(target=register) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert len(results) == 4 and all(r == results[0] for r in results)
+    assert len(results[0]) == len(AVRO_TOPICS)
 
 
 def test_the_project_schemas_are_registered_with_backward(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import schemas
 from packetless.config import Settings
 from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
 from packetless.serde import Codec
@@ -458,3 +459,102 @@ def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:
     data = codec.encode("raw.ebpf", fixture["raw"][0]["value"])
     with pytest.raises(DecodeError):
         fast.decode("raw.ebpf", data[:12])
+
+
+def generated_flows(origin_ms: int) -> list[dict[str, Any]]:
+    """raw.ebpf START and END of both sockets of 16 connections of node-1, their cookies spread
+    over the raw partitions: container to container, host loopback, and the same loopback
+    5-tuple in two network namespaces (two flows)."""
+    out = []
+    conns = [(f"172.18.0.{2 + i % 3}", 41000 + i, "172.18.0.3", 8080, None) for i in range(10)]
+    conns += [("127.0.0.1", 42000 + i, "127.0.0.1", 5432, 4026531840) for i in range(4)]
+    conns += [("127.0.0.1", 43000, "127.0.0.1", 6379, ns) for ns in (4026532101, 4026532102)]
+    for i, (cip, cport, sip, sport, netns) in enumerate(conns):
+        start_ns = (origin_ms + 10 * i) * 1_000_000
+        for role, cookie, lip, lport, rip, rport, sent in (
+                ("CLIENT", 1000 + 2 * i, cip, cport, sip, sport, 100 + i),
+                ("SERVER", 1001 + 2 * i, sip, sport, cip, cport, 5000 + i)):
+            for kind, t_ms in (("START", 0), ("END", 300)):
+                value = schemas.record(
+                    "EbpfEvent", event_id=f"gen-{cookie}-{kind}", type=kind, host_name="node-1",
+                    boot_id="gen", cookie=cookie, timestamp_ns=start_ns + t_ms * 1_000_000,
+                    start_ns=start_ns, transport="tcp", family="ipv4", role=role, local_ip=lip,
+                    local_port=lport, remote_ip=rip, remote_port=rport,
+                    netns_inode=netns or (4026532004 if lip == "172.18.0.2" else 4026532005),
+                    bytes_sent=sent if kind == "END" else 0,
+                    bytes_received=(5000 + i if role == "CLIENT" else 100 + i) if kind == "END"
+                    else 0, packets_sent=3, packets_received=3,
+                    state="CLOSE" if kind == "END" else "ESTABLISHED")
+                out.append({"topic": "raw.ebpf", "key": f"node-1:{cookie}", "value": value})
+    return out
+
+
+def end_flows(flows: list[dict[str, Any]]) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """The latest END of each flow (a late peer corrects an END): by host, transport, both
+    endpoints and their namespaces -> bytes each way and which ends are local sockets."""
+    out = {}
+    for f in flows:
+        if f["type"] == "END":
+            c, s = f["client"], f["server"]
+            key = (f["host_name"], f["transport"], c["ip"], c["port"], c["netns_inode"], s["ip"],
+                   s["port"], s["netns_inode"])
+            out[key] = (f["client_bytes"], f["server_bytes"], c["local"], s["local"],
+                        c["socket_cookie"], s["socket_cookie"], f["end_reason"])
+    return out
+
+
+def run_workers(settings: Settings, tmp_path: Path, count: int,
+                raw: list[dict[str, Any]], meta: list[dict[str, Any]], delta_ms: int,
+                expected: int) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """``count`` workers of one group on fresh topics; once they split the partitions, the
+    raw records; returns the END flows once ``expected`` flows ended and nothing changed."""
+    tmp_path.mkdir()
+    s = private(settings, tmp_path)
+    ensure_topics(s)
+    ensure_schemas(Codec(s))
+    produce(s, meta, delta_ms)
+    group = f"g{s.topic_prefix[:-1]}"
+    workers = [StreamWorker(s, group, tmp_path / f"worker{i}.log") for i in range(count)]
+    reader = Reader(s, "flows")
+    try:
+        for w in workers:  # one after the other: concurrent schema registrations may conflict
+            w.start()
+        deadline = time.monotonic() + 120
+        while True:  # every partition owned by one worker, each worker owning some
+            owned = [set(w.get("/healthz")["partitions"]) for w in workers]
+            mine = [{p for p in o if p.startswith((f"{group}-sockets:", s.topic_prefix + "raw."))}
+                    for o in owned]
+            internal = int(TUNING["PACKETLESS_STREAMS_PARTITIONS"])
+            if all(mine) and sum(map(len, mine)) == len(set().union(*mine)) == internal + 8:
+                break
+            assert time.monotonic() < deadline, f"partitions not split: {owned}"
+            time.sleep(0.5)
+        produce(s, raw, delta_ms)
+        wait_for({"flows": reader}, lambda: len(end_flows(reader.records)) >= expected, 120,
+                 workers[0])
+        time.sleep(3)  # a late correction of an END would show now
+        reader.poll(1)
+        assert all(w.alive() for w in workers)
+        return end_flows(reader.records)
+    finally:
+        for w in workers:
+            w.stop()
+        reader.close()
+
+
+def test_two_workers_give_the_same_end_flows_as_one(settings: Settings, tmp_path: Path) -> None:
+    """The same recorded raw events through one worker, then (on fresh topics) through two
+    workers of one group that split the partitions (raw and internal): the same END flows,
+    with the same ends and bytes. Nothing a worker guesses may depend on its partitions."""
+    fixture = json.loads(FIXTURE.read_text())
+    delta = int(time.time() * 1000) - fixture["origin_ms"]
+    raw = fixture["raw"] + generated_flows(fixture["origin_ms"])
+    expected = 4 + 16
+    one = run_workers(settings, tmp_path / "one", 1, raw, fixture["meta"], delta, expected)
+    two = run_workers(settings, tmp_path / "two", 2, raw, fixture["meta"], delta, expected)
+    assert len(one) == expected
+    both = [v for v in one.values() if v[2] and v[3]]
+    assert len(both) == 2 + 16  # F1, F2 and the generated ones have both ends
+    same_tuple = [k for k in one if k[3] == 43000]
+    assert len(same_tuple) == 2 and {k[4] for k in same_tuple} == {4026532101, 4026532102}
+    assert two == one

@@ -332,3 +332,59 @@ def test_udp_flow_restarting_on_the_same_socket_is_a_new_flow() -> None:
     assert owed == [] and state.flow_id != first and sock is not None and sock.bytes_sent == 5
     state, _, sock = observe(state, udp("END", 30_000, 50), 1)  # late event of the first flow
     assert sock is None and state.sockets["7"].bytes_sent == 5
+
+
+def by_key(observations: list[Observation], ticks: list[int]) -> tuple[dict[str, FlowState],
+                                                                        list[tuple[str, Emission]]]:
+    """Observations folded into a table by flow key, as the flows stage does; then ticks.
+    Returns the table and the (flow key, emission) pairs in order."""
+    table: dict[str, FlowState] = {}
+    out: list[tuple[str, Emission]] = []
+    for o in observations:
+        key = o.flow_key()
+        state, owed, _ = observe(table.get(key), o, 0)
+        out += [(old.key, e) for old, e in owed]
+        table[key] = state
+        out += [(key, e) for e in due(state, 0, CFG)]
+    for now in ticks:
+        out += [(key, e) for key, state in table.items() for e in due(state, now, CFG)]
+    return table, out
+
+
+def test_same_loopback_tuple_in_two_namespaces_is_two_flows() -> None:
+    """127.0.0.1:40000 -> 127.0.0.1:8080 in two network namespaces at once (two containers,
+    each with its own loopback): two flows of two sockets each, with their own bytes; not one
+    flow whose sockets keep replacing each other."""
+    def in_ns(o: Observation, netns: int, cookie_offset: int, scale: int) -> Observation:
+        return replace(o, netns_inode=netns, cookie=o.cookie + cookie_offset,
+                       bytes_sent=(o.bytes_sent or 0) * scale,
+                       bytes_received=(o.bytes_received or 0) * scale)
+
+    a = [in_ns(o, 4026532001, 0, 1) for o in loopback_flow()]
+    b = [in_ns(o, 4026532002, 10, 3) for o in loopback_flow()]
+    table, events = by_key([o for pair in zip(a, b, strict=True) for o in pair], [100, 20_000])
+    assert len(table) == 2
+    ends = {key: e for key, e in events if e.type == "END"}
+    assert {e.end_reason for e in ends.values()} == {"closed"}  # none ended as a reused tuple
+    totals = {}
+    for key in ends:
+        state = table[key]
+        assert sorted(state.sockets) == (["1", "2"] if "4026532001" in key else ["11", "12"])
+        rec = flow_record(state, ends[key], MetaCache(), 0)
+        assert rec["client"]["local"] and rec["server"]["local"]
+        totals[rec["client"]["netns_inode"]] = (rec["client_bytes"], rec["server_bytes"])
+    assert totals == {4026532001: (600, 30000), 4026532002: (1800, 90000)}
+
+
+def test_connection_between_two_namespaces_is_one_flow() -> None:
+    """A container's client and another container's server on a bridge: each socket in its own
+    namespace, one flow with both ends (the namespace keys only flows that stay in one)."""
+    def bridged(o: Observation) -> Observation:
+        client = o.local_port == 40000
+        return replace(o, local_ip="172.18.0.2" if client else "172.18.0.3",
+                       remote_ip="172.18.0.3" if client else "172.18.0.2",
+                       netns_inode=4026532001 if client else 4026532002)
+
+    table, events = by_key([bridged(o) for o in loopback_flow()], [100, 20_000])
+    (state,) = table.values()
+    assert state.both_ends() and [e.type for _, e in events] == ["START", "END"]
