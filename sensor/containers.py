@@ -37,6 +37,7 @@ K8S_LABELS = {"pod_name": "io.kubernetes.pod.name", "pod_namespace": "io.kuberne
 # Kept from the last record when a stopped container no longer reports them.
 STICKY_FIELDS = ("cgroup_path", "cgroup_id", "netns_inode")
 MISSING_TTL_S = 30.0
+MISSING_MAX = 4096
 
 Publish = Callable[[str, str, dict[str, Any]], None]
 
@@ -165,7 +166,10 @@ class ContainerWatcher:
         attrs = self._inspect(container_id)
         if attrs is None:
             with self._lock:
-                self._missing[container_id] = time.monotonic()
+                now = self._missing[container_id] = time.monotonic()
+                if len(self._missing) > MISSING_MAX:  # container churn: forget expired ones
+                    self._missing = {cid: at for cid, at in self._missing.items()
+                                     if now - at < MISSING_TTL_S}
             return None
         return self._emit(container_record(attrs, self.options.host_name, "resolve",
                                            round(time.time() * 1000), self.options.cgroups))
@@ -234,7 +238,24 @@ class ContainerWatcher:
         self.last_error = str(error)
 
     def run(self, stop: threading.Event) -> None:
-        """Follow the engine until ``stop`` is set, reconnecting after failures."""
+        """Follow the engine until ``stop`` is set, reconnecting after failures; meanwhile
+        learn container cgroups as they are created (with or without an engine)."""
+        watch = threading.Thread(target=self._watch_cgroups, args=(stop,),
+                                 name="cgroup-watch", daemon=True)
+        watch.start()
+        try:
+            self._run(stop)
+        finally:
+            watch.join(timeout=5)
+
+    def _watch_cgroups(self, stop: threading.Event) -> None:
+        try:
+            self.options.cgroups.watch(stop)
+        except OSError as error:
+            log.warning("cannot watch cgroup creation (%s): containers that exit before their "
+                        "flows are read may stay unresolved", error)
+
+    def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 self._client = self._connect()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import os
 import socket
 import struct
@@ -30,7 +31,13 @@ from pyroute2.netlink import (
 )
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
 
-from sensor.cgroups import CgroupResolver, cgroup_of_pid, container_from_cgroup_path
+from sensor import privileges
+from sensor.cgroups import (
+    CgroupResolver,
+    ContainerRef,
+    cgroup_of_pid,
+    container_from_cgroup_path,
+)
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ INET_DIAG_CONG = 4
 INET_DIAG_CGROUP_ID = 21
 EXTENSIONS = (1 << (INET_DIAG_INFO - 1)) | (1 << (INET_DIAG_CONG - 1))
 U64_MAX = (1 << 64) - 1
+CONTAINERS_REMEMBERED = 4096
 TCP_STATES = ("UNKNOWN", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV")
 DUMPS = ((socket.AF_INET, socket.IPPROTO_TCP, "tcp", "ipv4"),
@@ -57,9 +65,26 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _RTATTR = struct.Struct("=HH")
 _INET_DIAG_REQ_V2 = struct.Struct("=BBBxI48x")
 _INET_DIAG_MSG = struct.Struct("=BBBBHH16s16sIQIIIII")
-_TCP_INFO_INDEX = {name: i for i, (name, _) in enumerate(inet_diag_msg.tcp_info.fields)}
-_TCP_INFO = struct.Struct("=" + "".join(fmt for _, fmt in inet_diag_msg.tcp_info.fields))
 _U64 = struct.Struct("=Q")
+# SocketTcpInfo field -> tcp_info member. _TCP_INFO unpacks only these members (the others are
+# skipped as padding, which halves the cost per socket); rates get special cases in _tcp_record.
+_TCP_FIELDS = {
+    "rtt_us": "tcpi_rtt", "rttvar_us": "tcpi_rttvar", "min_rtt_us": "tcpi_min_rtt",
+    "retransmits": "tcpi_total_retrans", "retransmits_current": "tcpi_retransmits",
+    "lost": "tcpi_lost", "unacked": "tcpi_unacked", "segs_in": "tcpi_segs_in",
+    "segs_out": "tcpi_segs_out", "data_segs_in": "tcpi_data_segs_in",
+    "data_segs_out": "tcpi_data_segs_out", "bytes_acked": "tcpi_bytes_acked",
+    "bytes_received": "tcpi_bytes_received", "bytes_sent": "tcpi_bytes_sent",
+    "bytes_retrans": "tcpi_bytes_retrans", "snd_cwnd": "tcpi_snd_cwnd",
+    "snd_mss": "tcpi_snd_mss", "last_data_recv_ms": "tcpi_last_data_recv",
+    "last_data_sent_ms": "tcpi_last_data_sent", "busy_time_us": "tcpi_busy_time",
+    "delivery_rate": "tcpi_delivery_rate", "pacing_rate": "tcpi_pacing_rate",
+}
+_TCP_MEMBERS = {member: name for name, member in _TCP_FIELDS.items()}
+_TCP_LAYOUT = [(_TCP_MEMBERS.get(member), fmt) for member, fmt in inet_diag_msg.tcp_info.fields]
+_TCP_INFO = struct.Struct("=" + "".join(
+    fmt if name else f"{struct.calcsize('=' + fmt)}x" for name, fmt in _TCP_LAYOUT))
+_TCP_NAMES = tuple(name for name, _ in _TCP_LAYOUT if name)
 
 
 @dataclass
@@ -185,7 +210,7 @@ def socket_owners(proc: Path = Path("/proc")) -> dict[int, int]:
     return owners
 
 
-@dataclass
+@dataclass(slots=True)
 class DiagMessage:
     """One inet_diag_msg with the attributes the sensor asks for."""
 
@@ -201,7 +226,7 @@ class DiagMessage:
     wqueue: int
     uid: int
     inode: int
-    tcp_info: tuple[int, ...] | None = None
+    tcp_info: tuple[int, ...] | None = None  # the _TCP_NAMES members, in that order
     congestion: str | None = None
     cgroup_id: int | None = None
 
@@ -253,40 +278,28 @@ def _diag_message(data: bytes, body: int, end: int, family: int,
         attr_len, attr_type = _RTATTR.unpack_from(data, offset)
         if attr_len < _RTATTR.size or offset + attr_len > end:
             break
-        payload = data[offset + _RTATTR.size:offset + attr_len]
+        start, size = offset + _RTATTR.size, attr_len - _RTATTR.size
         if attr_type == INET_DIAG_INFO:
-            padded = payload[:_TCP_INFO.size].ljust(_TCP_INFO.size, b"\0")
-            msg.tcp_info = _TCP_INFO.unpack(padded)
+            if size >= _TCP_INFO.size:
+                msg.tcp_info = _TCP_INFO.unpack_from(data, start)
+            else:  # an older kernel's shorter tcp_info
+                msg.tcp_info = _TCP_INFO.unpack(data[start:start + size].ljust(_TCP_INFO.size,
+                                                                               b"\0"))
         elif attr_type == INET_DIAG_CONG:
-            msg.congestion = payload.split(b"\0", 1)[0].decode("ascii", "replace")
-        elif attr_type == INET_DIAG_CGROUP_ID and len(payload) >= _U64.size:
-            msg.cgroup_id = _U64.unpack_from(payload)[0]
+            name = data[start:start + size].split(b"\0", 1)[0]
+            msg.congestion = name.decode("ascii", "replace")
+        elif attr_type == INET_DIAG_CGROUP_ID and size >= _U64.size:
+            msg.cgroup_id = _U64.unpack_from(data, start)[0]
         offset += (attr_len + 3) & ~3
     return msg
 
 
-# SocketTcpInfo field -> tcp_info member; rates get special cases in _tcp_record.
-_TCP_FIELDS = {
-    "rtt_us": "tcpi_rtt", "rttvar_us": "tcpi_rttvar", "min_rtt_us": "tcpi_min_rtt",
-    "retransmits": "tcpi_total_retrans", "retransmits_current": "tcpi_retransmits",
-    "lost": "tcpi_lost", "unacked": "tcpi_unacked", "segs_in": "tcpi_segs_in",
-    "segs_out": "tcpi_segs_out", "data_segs_in": "tcpi_data_segs_in",
-    "data_segs_out": "tcpi_data_segs_out", "bytes_acked": "tcpi_bytes_acked",
-    "bytes_received": "tcpi_bytes_received", "bytes_sent": "tcpi_bytes_sent",
-    "bytes_retrans": "tcpi_bytes_retrans", "snd_cwnd": "tcpi_snd_cwnd",
-    "snd_mss": "tcpi_snd_mss", "last_data_recv_ms": "tcpi_last_data_recv",
-    "last_data_sent_ms": "tcpi_last_data_sent", "busy_time_us": "tcpi_busy_time",
-}
-_TCP_PICK = tuple((name, _TCP_INFO_INDEX[member]) for name, member in _TCP_FIELDS.items())
-_DELIVERY_RATE = _TCP_INFO_INDEX["tcpi_delivery_rate"]
-_PACING_RATE = _TCP_INFO_INDEX["tcpi_pacing_rate"]
-
-
 def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]:
-    record = {name: info[index] for name, index in _TCP_PICK}
-    pacing = info[_PACING_RATE]
-    record["delivery_rate"] = info[_DELIVERY_RATE] or None
-    record["pacing_rate"] = None if pacing >= U64_MAX >> 1 else pacing
+    """The SocketTcpInfo record of an unpacked ``_TCP_INFO`` (fields in ``_TCP_NAMES`` order)."""
+    record = dict(zip(_TCP_NAMES, info, strict=True))
+    if record["pacing_rate"] >= U64_MAX >> 1:  # the kernel's "unlimited"
+        record["pacing_rate"] = None
+    record["delivery_rate"] = record["delivery_rate"] or None
     record["congestion"] = congestion
     return record
 
@@ -297,13 +310,17 @@ class _Snapshot:
 
     owners: dict[int, int]
     processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
 
-def _activity(record: dict[str, Any]) -> tuple[Any, ...]:
-    """What changes when a socket is used: state, queues and TCP segment counters."""
-    tcp = record["tcp"]
-    counters = (tcp["segs_in"], tcp["segs_out"], tcp["retransmits"]) if tcp else ()
-    return (record["state"], record["rqueue"], record["wqueue"], record["pid"], *counters)
+_TCP_COUNTERS = operator.itemgetter(*(_TCP_NAMES.index(name)
+                                      for name in ("segs_in", "segs_out", "retransmits")))
+
+
+def _activity(msg: DiagMessage, pid: int | None) -> tuple[Any, ...]:
+    """What changes when a socket is used: state, queues, owner and TCP segment counters."""
+    counters = _TCP_COUNTERS(msg.tcp_info) if msg.tcp_info is not None else ()
+    return (msg.state, msg.rqueue, msg.wqueue, pid, counters)
 
 
 class NetlinkSensor:
@@ -317,20 +334,21 @@ class NetlinkSensor:
 
     def __init__(self, options: NetlinkOptions) -> None:
         self.options = options
-        self.privileged = os.geteuid() == 0
+        held = privileges.effective()
+        self.enter_namespaces = options.other_namespaces and not privileges.missing(
+            ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
         self._previous: dict[int, tuple[int, dict[str, Any]]] = {}
         self._published: dict[int, tuple[tuple[Any, ...], int]] = {}
         self._count = 0
         self._containers_seen: set[str] = set()
         self._warned: set[str] = set()
-        if not self.privileged:
-            self._warn_once(
-                f"Netlink sensor runs unprivileged (uid {os.getuid()}): it sees the sockets and "
-                "interfaces of its own network namespace only (no container namespaces: entering "
-                "them needs CAP_SYS_ADMIN), and finds the owning process only of sockets held by "
-                "processes of its own user (other users' /proc/<pid>/fd is unreadable). Run it "
-                "as root for full coverage.")
+        needed = ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
+        if options.other_namespaces:
+            needed.insert(0, "CAP_SYS_ADMIN")
+        for name in privileges.missing(needed, held):
+            self._warn_once(f"Netlink sensor (uid {os.getuid()}) "
+                            f"{privileges.limitation(name)}")
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -342,33 +360,38 @@ class NetlinkSensor:
         """One snapshot of sockets and interfaces: the (key, NetlinkEvent) pairs to publish."""
         options = self.options
         now_ms = round(time.time() * 1000)
-        namespaces = discover_namespaces(options.proc, options.other_namespaces
-                                         and self.privileged)
+        namespaces = discover_namespaces(options.proc, self.enter_namespaces)
         state = _Snapshot(socket_owners(options.proc))
         events: list[tuple[str, dict[str, Any]]] = []
         current: dict[int, tuple[int, dict[str, Any]]] = {}
         dumped: set[int] = set()
         links: list[tuple[Namespace, dict[str, Any]]] = []
+        self._count += 1
+        every = max(1, options.unchanged_every)
         for namespace in namespaces.values():
             try:
-                sockets = list(self._sockets(namespace, state))
+                messages = list(self._messages(namespace))
                 if options.interfaces:
                     links += [(namespace, link) for link in self._links(namespace)]
             except OSError as error:
                 self._namespace_error(namespace, error)
                 continue
             dumped.add(namespace.inode)
-            for record in sockets:
-                current[record["cookie"]] = (namespace.inode, record)
-        self._count += 1
-        for cookie, (inode, record) in current.items():
-            signature = _activity(record)
-            last = self._published.get(cookie)
-            if last is None or last[0] != signature or \
-                    self._count - last[1] >= max(1, options.unchanged_every):
-                self._published[cookie] = (signature, self._count)
-                events.append((f"{options.host_name}:{cookie}",
-                               self._event("SOCKET", now_ms, inode, socket=record)))
+            for msg, transport, family in messages:
+                # Records are built only for sockets published now: most are idle.
+                pid = state.owners.get(msg.inode) if msg.inode else None
+                signature = _activity(msg, pid)
+                last = self._published.get(msg.cookie)
+                previous = self._previous.get(msg.cookie)
+                if last is None or previous is None or last[0] != signature \
+                        or self._count - last[1] >= every:
+                    record = self._socket_record(msg, transport, family, namespace, state, pid)
+                    self._published[msg.cookie] = (signature, self._count)
+                    events.append((f"{options.host_name}:{msg.cookie}",
+                                   self._event("SOCKET", now_ms, namespace.inode, socket=record)))
+                else:
+                    record = previous[1]
+                current[msg.cookie] = (namespace.inode, record)
         for cookie, (inode, record) in self._previous.items():
             if cookie in current:
                 continue
@@ -405,22 +428,25 @@ class NetlinkSensor:
                                  protocol).detach()
         return netlink_socket_in(namespace.path, protocol).detach()
 
-    def _sockets(self, namespace: Namespace, state: _Snapshot) -> Iterator[dict[str, Any]]:
+    def _messages(self, namespace: Namespace) -> Iterator[tuple[DiagMessage, str, str]]:
+        """Every socket of ``namespace``: (message, transport, family name)."""
         dumps = DUMPS if self.options.udp else DUMPS[:2]
         with socket.socket(fileno=self._open(namespace, NETLINK_SOCK_DIAG)) as sock:
             sock.bind((0, 0))
             for seq, (family, protocol, transport, family_name) in enumerate(dumps, 1):
                 for msg in dump_sockets(sock, family, protocol, seq):
-                    yield self._socket_record(msg, transport, family_name, namespace, state)
+                    yield msg, transport, family_name
 
     def _socket_record(self, msg: DiagMessage, transport: str, family: str,
-                       namespace: Namespace, state: _Snapshot) -> dict[str, Any]:
-        pid = state.owners.get(msg.inode) if msg.inode else None
+                       namespace: Namespace, state: _Snapshot, pid: int | None
+                       ) -> dict[str, Any]:
         process = self._process(pid, state) if pid is not None else None
-        ref = self.options.cgroups.container_of(msg.cgroup_id) if msg.cgroup_id else None
+        ref = self._container(msg.cgroup_id, state) if msg.cgroup_id else None
         container_id = (ref.container_id if ref else None) \
             or (process or {}).get("container_id") or namespace.container_id
         if container_id is not None and container_id not in self._containers_seen:
+            if len(self._containers_seen) >= CONTAINERS_REMEMBERED:
+                self._containers_seen.clear()  # container churn: resolving again is cheap
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
@@ -449,6 +475,11 @@ class NetlinkSensor:
             "tcp": _tcp_record(msg.tcp_info, msg.congestion)
             if msg.tcp_info is not None and transport == "tcp" else None,
         }
+
+    def _container(self, cgroup_id: int, state: _Snapshot) -> ContainerRef | None:
+        if cgroup_id not in state.containers:
+            state.containers[cgroup_id] = self.options.cgroups.container_of(cgroup_id)
+        return state.containers[cgroup_id]
 
     def _process(self, pid: int, state: _Snapshot) -> dict[str, Any] | None:
         if pid not in state.processes:

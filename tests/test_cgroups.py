@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
+import threading
+import time
 
 import pytest
 
@@ -98,16 +99,54 @@ def test_vanished_pid_and_unknown_id() -> None:
     assert resolver.container_of(2**62) is None
 
 
-def test_new_cgroup_found_on_miss(tmp_path: Path) -> None:
+def test_new_cgroup_found_on_miss_and_remembered_after_removal() -> None:
     require_root()
-    resolver = CgroupResolver(min_refresh_s=0.0)
+    resolver = CgroupResolver(min_refresh_s=0.1)
     resolver.refresh()
     directory = resolver.root / f"packetless-test-{os.getpid()}"
     directory.mkdir()
     try:
-        assert resolver.path_of(directory.stat().st_ino) == "/" + directory.name
+        cgroup_id = directory.stat().st_ino
+        assert resolver.path_of(cgroup_id) in (None, "/" + directory.name)  # walked < 0.1 s ago
+        time.sleep(0.2)
+        assert resolver.path_of(cgroup_id) == "/" + directory.name
     finally:
         directory.rmdir()
+    time.sleep(0.2)
+    resolver.refresh()  # a walk without it keeps what it knew: its flows may come later
+    assert resolver.path_of(cgroup_id) == "/" + directory.name
+    misses = resolver.misses
+    assert resolver.path_of(2**62) is None and resolver.misses == misses + 1
+
+
+def test_watch_learns_cgroups_that_vanish_at_once() -> None:
+    require_root()
+    resolver = CgroupResolver()
+    stop = threading.Event()
+    watcher = threading.Thread(target=resolver.watch, args=(stop,))
+    watcher.start()
+    try:
+        time.sleep(0.5)  # watching
+        outer = resolver.root / f"packetless-watch-{os.getpid()}"
+        inner = outer / "inner"
+        inner.mkdir(parents=True)
+        ids = outer.stat().st_ino, inner.stat().st_ino
+        time.sleep(0.2)
+        inner.rmdir()
+        outer.rmdir()
+        time.sleep(0.2)
+        assert [resolver.path_of(i) for i in ids] == [f"/{outer.name}", f"/{outer.name}/inner"]
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert not watcher.is_alive()
+
+
+def test_known_ids_are_bounded() -> None:
+    resolver = CgroupResolver(max_entries=3)
+    for inode in range(1, 6):
+        resolver._remember(inode, f"/c{inode}")
+    assert [resolver._paths.get(i) for i in range(1, 6)] == [None, None, "/c3", "/c4", "/c5"]
 
 
 @pytest.mark.docker

@@ -403,7 +403,8 @@ def test_unprivileged_sees_own_sockets(caplog: pytest.LogCaptureFixture) -> None
     result = queue.get(timeout=60)
     child.join(timeout=30)
     assert child.exitcode == 0
-    assert len(result["limitations"]) == 1 and "unprivileged" in result["limitations"][0]
+    named = [m.split("without ")[1].split(" ")[0] for m in result["limitations"]]
+    assert named == ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
     mine = result["mine"]
     assert {s["state"] for s in mine} == {"LISTEN", "ESTABLISHED"} and len(mine) == 3
     assert all(s["uid"] == 65534 and s["pid"] == result["pid"] for s in mine)
@@ -455,7 +456,7 @@ def test_snapshots_survive_process_and_socket_churn() -> None:
     try:
         sensor = NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False))
         closed, owned = 0, 0
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20  # a loaded host takes seconds per snapshot
         while time.monotonic() < deadline and not (closed and owned):
             for _, value in sensor.snapshot():
                 sock = value["socket"]

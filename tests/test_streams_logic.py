@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from typing import Any
 
+import communityid
 import fastavro
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import schemas
 from streams import ecs, ocsf
@@ -198,6 +202,21 @@ def test_ecs_document_fields_and_types() -> None:
 ])
 def test_community_id_reference_vectors(transport: str, src: str, sport: int, dst: str, dport: int,
                                         expected: str) -> None:
+    assert community_id(transport, src, sport, dst, dport) == expected
+
+
+_ports = st.integers(0, 65535)
+
+
+@given(st.sampled_from(["tcp", "udp"]), st.one_of(
+    st.tuples(st.ip_addresses(v=4), st.ip_addresses(v=4)),
+    st.tuples(st.ip_addresses(v=6), st.ip_addresses(v=6))), _ports, _ports)
+def test_community_id_equals_the_reference_package(transport: str, ips: tuple[Any, Any],
+                                                   sport: int, dport: int) -> None:
+    """Our hashlib Community ID against the ``communityid`` package on arbitrary tuples."""
+    src, dst = (str(ip) for ip in ips)
+    make = communityid.FlowTuple.make_tcp if transport == "tcp" else communityid.FlowTuple.make_udp
+    expected = communityid.CommunityID().calc(make(src, dst, sport, dport))
     assert community_id(transport, src, sport, dst, dport) == expected
 
 

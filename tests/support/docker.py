@@ -192,11 +192,19 @@ def docker_network(docker_client: docker.DockerClient) -> Iterator[Network]:
     """A user-defined bridge network, removed after the test."""
     network = docker_client.networks.create(unique_name("pl-net"), driver="bridge")
     yield network
-    network.reload()
-    for container in network.containers:
-        with contextlib.suppress(docker.errors.NotFound):
-            network.disconnect(container, force=True)
-    network.remove()
+    deadline = time.monotonic() + 60
+    while True:  # containers started with auto_remove may still be leaving it
+        network.reload()
+        for container in network.containers:
+            with contextlib.suppress(docker.errors.NotFound):
+                network.disconnect(container, force=True)
+        try:
+            network.remove()
+            return
+        except docker.errors.APIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 @pytest.fixture
