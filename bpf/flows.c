@@ -7,11 +7,15 @@
 // process that sends or receives on them (sock:sock_{send,recv}_length run in that process),
 // joined from the tracepoint's sk pointer to the cookie through sk_cookie, which holds the
 // socket's address as an opaque key (stored where a program has both; never dereferenced).
+// Once a TCP socket's owner is known, its I/O costs one lookup there (and a sum for reads).
 //
 // TCP byte counts are the kernel's own (sock_ops bytes_acked / bytes_received) minus what is
 // sequence space but not payload: the SYN (a baseline taken at ESTABLISHED) and a FIN (ours
-// once acknowledged; the peer's, seen by the ingress cgroup_skb program). UDP bytes are
-// datagram payloads counted by cgroup_skb per (socket, remote address and port).
+// once acknowledged; the peer's once rcv_nxt passed it: the ingress cgroup_skb program, which
+// reads only the headers of TCP packets, in place, notes where a FIN ends). They are read at
+// sock_ops callbacks (state changes, RTT samples); a socket that only receives gets no RTT
+// samples, so the bytes its application read (sk_info.rx) show its progress in UPDATEs.
+// UDP bytes are datagram payloads counted by cgroup_skb per (socket, remote address, port).
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -41,6 +45,7 @@
 #define F_FIN_IN 2
 #define F_FIN_OUT 4
 #define F_RST_IN 8
+#define F_FIN_ACKED 16
 #define F_RELEASED 32
 #define F_TIMEOUT 64
 #define F_STARTED 128
@@ -73,8 +78,6 @@ struct tcp_flow_t {
     u64 rcvd0;
     u64 bytes_acked;
     u64 bytes_received;
-    u64 app_tx;
-    u64 app_rx;
     u32 segs_in;
     u32 segs_out;
     u32 srtt_us;
@@ -82,11 +85,21 @@ struct tcp_flow_t {
     u32 retrans;
     u32 laddr[4];
     u32 raddr[4];
+    u32 fin_end;  // the peer's FIN: rcv_nxt once it is counted in bytes_received
     u16 lport;
     u16 rport;
     u16 family;
     u8 role;
     u8 flags;
+    u8 fin_seen;
+    u8 pad[7];
+};
+
+struct sk_info_t {
+    u64 cookie;
+    u64 rx;  // bytes the application read (TCP)
+    u32 owned;  // TCP: its owner is known
+    u32 pad;
 };
 
 struct udp_key_t {
@@ -141,7 +154,7 @@ struct event_t {
 // Events to user space are per flow (start/end), never per packet.
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(owners, u64, struct owner_t, OWNER_ENTRIES);
-BPF_HASH(sk_cookie, u64, u64, OWNER_ENTRIES);
+BPF_HASH(sk_cookie, u64, struct sk_info_t, OWNER_ENTRIES);
 BPF_TABLE("lru_hash", u16, struct owner_t, listeners, 4096);
 BPF_HASH(tcp_flows, u64, struct tcp_flow_t, TCP_ENTRIES);
 BPF_HASH(udp_flows, struct udp_key_t, struct udp_flow_t, UDP_ENTRIES);
@@ -179,7 +192,8 @@ static __always_inline int put_owner(u64 cookie, struct owner_t *o)
 
 static __always_inline void put_sk(u64 skaddr, u64 cookie)
 {
-    if (sk_cookie.update(&skaddr, &cookie))
+    struct sk_info_t info = {.cookie = cookie};
+    if (sk_cookie.update(&skaddr, &info))
         count_drop(D_SK_MAP);
 }
 
@@ -282,6 +296,8 @@ static __always_inline void tcp_snapshot(struct bpf_sock_ops *ctx, struct tcp_fl
 {
     f->bytes_acked = ctx->bytes_acked;
     f->bytes_received = ctx->bytes_received;
+    if (f->fin_seen && ctx->rcv_nxt == f->fin_end)
+        f->flags |= F_FIN_IN;
     f->segs_in = ctx->segs_in;
     f->segs_out = ctx->segs_out;
     f->srtt_us = ctx->srtt_us >> 3;
@@ -289,24 +305,18 @@ static __always_inline void tcp_snapshot(struct bpf_sock_ops *ctx, struct tcp_fl
 }
 
 // Payload bytes: the kernel counters count sequence space, which includes the FIN (and the
-// SYN before the baseline taken at ESTABLISHED). Sent: never more than the application wrote
-// (sock_send_length sums), which leaves out our FIN; without such sums, minus our FIN once
-// acknowledged (fin_acked). Received: minus the peer's FIN once seen; at least what was read.
-static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t *f,
-                                           int fin_acked)
+// SYN before the baseline taken at ESTABLISHED). Sent: minus our FIN once acknowledged.
+// Received: minus the peer's FIN once seen. (_flow_counters in sensor/ebpf.py does the same.)
+static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t *f)
 {
     ev->proto = PROTO_TCP;
     ev->start_ns = f->start_ns;
     u64 sent = f->bytes_acked - f->acked0;
     u64 rcvd = f->bytes_received - f->rcvd0;
-    if (f->app_tx && sent > f->app_tx)
-        sent = f->app_tx;
-    else if (!f->app_tx && fin_acked && sent > 0)
+    if (f->flags & F_FIN_ACKED && sent > 0)
         sent--;
     if (f->flags & F_FIN_IN && rcvd > 0)
         rcvd--;
-    if (rcvd < f->app_rx)
-        rcvd = f->app_rx;
     ev->bytes_sent = sent;
     ev->bytes_received = rcvd;
     ev->pkts_sent = f->segs_out;
@@ -324,12 +334,12 @@ static __always_inline void tcp_fill_event(struct event_t *ev, struct tcp_flow_t
 }
 
 static __always_inline void emit_tcp(u8 type, u64 cookie, struct tcp_flow_t *f, u8 oldstate,
-                                     u8 state, int fin_acked)
+                                     u8 state)
 {
     struct event_t *ev = new_event(type, cookie);
     if (!ev)
         return;
-    tcp_fill_event(ev, f, fin_acked);
+    tcp_fill_event(ev, f);
     ev->oldstate = oldstate;
     ev->state = state;
     copy_owner(ev, cookie);
@@ -394,7 +404,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
         tcp_snapshot(ctx, f);
         f->acked0 = f->bytes_acked;
         f->rcvd0 = f->bytes_received;
-        emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED, 0);
+        emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
         return 1;
     case BPF_SOCK_OPS_RTT_CB: {
         f = tcp_flows.lookup(&cookie);
@@ -429,18 +439,18 @@ int sock_ops(struct bpf_sock_ops *ctx)
         u8 old = ctx->args[0], new = ctx->args[1];
         tcp_snapshot(ctx, f);
         // a FIN we sent counts in bytes_acked once acknowledged (all that was sent is)
-        int fin_acked = (f->flags & F_FIN_OUT) && ctx->snd_una == ctx->snd_nxt;
+        if ((f->flags & F_FIN_OUT) && ctx->snd_una == ctx->snd_nxt)
+            f->flags |= F_FIN_ACKED;
         if (new == BPF_TCP_FIN_WAIT1 || new == BPF_TCP_LAST_ACK)
             f->flags |= F_FIN_OUT;  // our FIN is about to be sent
         if (new != BPF_TCP_CLOSE) {
             int zero = 0;
             u64 *cfg = config.lookup(&zero);
             if (cfg && (*cfg & C_STATE_EVENTS))
-                emit_tcp(EV_STATE, cookie, f, old, new, fin_acked);
+                emit_tcp(EV_STATE, cookie, f, old, new);
             return 1;
         }
-        emit_tcp((f->flags & F_ESTABLISHED) ? EV_END : EV_FAILURE, cookie, f, old, new,
-                 fin_acked);
+        emit_tcp((f->flags & F_ESTABLISHED) ? EV_END : EV_FAILURE, cookie, f, old, new);
         if (f->flags & F_RELEASED)
             owners.delete(&cookie);
         tcp_flows.delete(&cookie);
@@ -460,7 +470,7 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     return 0;
 }
 
-// ---- process-context I/O: attribution of accepted sockets, application byte counts --------
+// ---- process-context I/O: attribution of accepted sockets and of older UDP sockets --------
 
 static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u16 protocol,
                                     int rx)
@@ -469,10 +479,10 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
         (family != AF_INET && family != AF_INET6) || ret < 0)
         return;
     u64 skaddr = (u64)sk;
-    u64 *cp = sk_cookie.lookup(&skaddr);
-    if (!cp)
+    struct sk_info_t *info = sk_cookie.lookup(&skaddr);
+    if (!info)
         return;
-    u64 cookie = *cp;
+    u64 cookie = info->cookie;
     struct owner_t o = {};
     if (protocol == PROTO_UDP) {
         // a UDP socket created before the sensor started: its first user owns it
@@ -482,22 +492,21 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
         }
         return;
     }
+    if (rx && !(flags & MSG_PEEK))
+        __sync_fetch_and_add(&info->rx, ret);
+    if (info->owned)
+        return;
     struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
     if (!f)
         return;
-    if (rx) {
-        if (!(flags & MSG_PEEK))
-            __sync_fetch_and_add(&f->app_rx, ret);
-    } else {
-        __sync_fetch_and_add(&f->app_tx, ret);
-    }
+    info->owned = 1;
     if (f->flags & F_STARTED)
         return;
-    f->flags |= F_STARTED;
+    f->flags |= F_STARTED;  // an accepted socket: this first I/O names its owner
     fill_owner(&o, SRC_FIRST_IO);
     if (put_owner(cookie, &o))
         return;
-    emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED, 0);
+    emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length)
@@ -512,7 +521,7 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
     return 0;
 }
 
-// ---- packets: UDP counters per (socket, remote), TCP FIN seen on ingress -------------------
+// ---- packets: TCP FIN seen on ingress, UDP counters per (socket, remote) -------------------
 
 struct pkt_t {
     u32 saddr[4];
@@ -521,7 +530,7 @@ struct pkt_t {
     u16 dport;
     u16 family;
     u8 proto;
-    u8 tcp_flags;
+    u8 pad;
     u32 l4_payload;
 };
 
@@ -556,30 +565,60 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt_t *p)
         p->sport = (b[0] << 8) | b[1];
         p->dport = (b[2] << 8) | b[3];
         p->l4_payload = skb->len - l4off - 8;
-    } else if (p->proto == PROTO_TCP) {
-        if (bpf_skb_load_bytes(skb, l4off + 13, b, 1))
-            return -1;
-        p->tcp_flags = b[0];
     }
     return 0;
 }
 
+// TCP, the bulk of packets, in place (direct packet access to the linear part, which holds
+// the headers of locally built or received TCP segments): 1 if the packet was TCP.
+static __always_inline int tcp_packet(struct __sk_buff *skb, int egress)
+{
+    u8 *data = (u8 *)(long)skb->data;
+    u8 *end = (u8 *)(long)skb->data_end;
+    u32 l4off;
+    if (skb->protocol == bpf_htons(0x0800)) {
+        if (data + 20 > end || data[9] != PROTO_TCP)
+            return 0;
+        if ((data[6] & 0x1f) || data[7])  // not a first fragment: no TCP header
+            return 1;
+        l4off = (data[0] & 0x0f) * 4;
+    } else if (skb->protocol == bpf_htons(0x86DD)) {
+        if (data + 40 > end || data[6] != PROTO_TCP)
+            return 0;
+        l4off = 40;
+    } else {
+        return 0;
+    }
+    if (egress)
+        return 1;
+    u8 tcp[14];  // up to the flags
+    u8 *at = data + l4off;
+    if (at + 14 <= end)
+        __builtin_memcpy(tcp, at, 14);
+    else if (bpf_skb_load_bytes(skb, l4off, tcp, 14))
+        return 1;
+    if (!(tcp[13] & 0x01))
+        return 1;
+    // a FIN from the peer: it ends after the segment's payload (SYN and FIN take one each)
+    u32 seq = ((u32)tcp[4] << 24) | ((u32)tcp[5] << 16) | ((u32)tcp[6] << 8) | tcp[7];
+    u32 payload = skb->len - l4off - (tcp[12] >> 4) * 4;
+    u64 cookie = bpf_get_socket_cookie(skb);
+    struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
+    if (f) {
+        f->fin_end = seq + payload + 1 + ((tcp[13] & 0x02) ? 1 : 0);
+        f->fin_seen = 1;
+    }
+    return 1;
+}
+
 static __always_inline int on_packet(struct __sk_buff *skb, int egress)
 {
+    if (tcp_packet(skb, egress))
+        return 1;
     struct pkt_t p = {};
-    if (parse(skb, &p))
+    if (parse(skb, &p) || p.proto != PROTO_UDP)
         return 1;
     u64 cookie = bpf_get_socket_cookie(skb);
-    if (p.proto == PROTO_TCP) {
-        if (!egress && (p.tcp_flags & 0x01)) {
-            struct tcp_flow_t *f = tcp_flows.lookup(&cookie);
-            if (f)
-                f->flags |= F_FIN_IN;
-        }
-        return 1;
-    }
-    if (p.proto != PROTO_UDP)
-        return 1;
     struct owner_t *o = owners.lookup(&cookie);
     if (!o) {
         // created before the sensor started (or by the kernel): let the tracepoints of its

@@ -6,23 +6,29 @@ turns its ring-buffer events and in-kernel counters into ``raw.ebpf`` records (s
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import hashlib
 import logging
 import os
+import re
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import schemas
+from sensor import privileges
 from sensor.cgroups import CgroupResolver, cgroup2_root, container_from_cgroup_path
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
+# bcc's compiler (clang/LLVM in libbcc) is not thread-safe: one BPF() at a time per process.
+COMPILE_LOCK = threading.Lock()
 
 SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "flows.c"
 TOPIC = "raw.ebpf"
@@ -31,8 +37,8 @@ PROTO_TCP, PROTO_UDP = 6, 17
 
 # mirrored from bpf/flows.c
 EV_START, EV_END, EV_STATE, EV_FAILURE, EV_RELEASE = 1, 2, 3, 4, 5
-F_ESTABLISHED, F_FIN_IN, F_FIN_OUT, F_RST_IN, F_RELEASED, F_TIMEOUT, F_STARTED = (
-    1, 2, 4, 8, 32, 64, 128)
+F_ESTABLISHED, F_FIN_IN, F_FIN_OUT, F_RST_IN, F_FIN_ACKED, F_RELEASED, F_TIMEOUT, F_STARTED = (
+    1, 2, 4, 8, 16, 32, 64, 128)
 ROLES = {0: "UNKNOWN", 1: "CLIENT", 2: "SERVER"}
 SOURCES = {1: "CREATOR", 2: "FIRST_IO", 3: "LISTENER"}
 DROP_FIELDS = ("ring_buffer", "tcp_map_full", "udp_map_full", "owner_map_full",
@@ -49,29 +55,65 @@ TRACEFS = Path("/sys/kernel/tracing")
 V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 OWNER_TTL_NS = 2_000_000_000
 OWNER_CACHE = 4096
+ADDRESS_CACHE = 4096
+HANDLE_CHUNK = 1024  # events handled between two reads of the ring buffer
+BACKLOG_MAX = 262144  # events read ahead of handling at most (about 50 MB)
 ENDED_MEMORY = 4096  # TCP cookies remembered after END, to drop a START that raced it
+MADV_PAGEOUT = 21
+COMPILER_LIBRARIES = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
+HASH_MAPS = ("tcp_flows", "udp_flows", "owners", "sk_cookie", "listeners")
+COUNT_CHUNK = 4096  # entries per batch when counting a map's entries
 UdpKey = tuple[int, bytes, int, int]  # cookie, remote address (16 bytes), remote port, family
 
 
-class Owner(ct.Structure):
-    """struct owner_t of bpf/flows.c."""
+class Owner(NamedTuple):
+    """struct owner_t of bpf/flows.c: the process that created or first used a socket."""
 
-    _fields_ = [("cgroup_id", ct.c_uint64), ("pid", ct.c_uint32), ("tid", ct.c_uint32),
-                ("uid", ct.c_uint32), ("gid", ct.c_uint32), ("comm", ct.c_char * 16),
-                ("source", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+    cgroup_id: int
+    pid: int
+    tid: int
+    uid: int
+    gid: int
+    comm: bytes
+    source: int
 
 
-class Event(ct.Structure):
-    """struct event_t of bpf/flows.c (bcc cannot derive nested ring buffer records)."""
+class Event(NamedTuple):
+    """struct event_t of bpf/flows.c, as EVENT decodes it: its owner_t is the last fields."""
 
-    _fields_ = [("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("start_ns", ct.c_uint64),
-                ("bytes_sent", ct.c_uint64), ("bytes_received", ct.c_uint64),
-                ("pkts_sent", ct.c_uint64), ("pkts_received", ct.c_uint64),
-                ("srtt_us", ct.c_uint32), ("rttvar_us", ct.c_uint32), ("retrans", ct.c_uint32),
-                ("laddr", ct.c_uint8 * 16), ("raddr", ct.c_uint8 * 16), ("lport", ct.c_uint16),
-                ("rport", ct.c_uint16), ("family", ct.c_uint16), ("type", ct.c_uint8),
-                ("proto", ct.c_uint8), ("role", ct.c_uint8), ("state", ct.c_uint8),
-                ("oldstate", ct.c_uint8), ("flags", ct.c_uint8), ("owner", Owner)]
+    ts_ns: int
+    cookie: int
+    start_ns: int
+    bytes_sent: int
+    bytes_received: int
+    pkts_sent: int
+    pkts_received: int
+    srtt_us: int
+    rttvar_us: int
+    retrans: int
+    laddr: bytes
+    raddr: bytes
+    lport: int
+    rport: int
+    family: int
+    type: int
+    proto: int
+    role: int
+    state: int
+    oldstate: int
+    flags: int
+    owner_cgroup_id: int
+    owner_pid: int
+    owner_tid: int
+    owner_uid: int
+    owner_gid: int
+    owner_comm: bytes
+    owner_source: int
+
+
+EVENT = struct.Struct("<7Q3I16s16s3H6B" "Q4I16sB7x")  # one C call decodes a whole event
+COUNTERS = slice(3, 10)  # bytes and packets sent and received, srtt, rttvar, retransmits
+OWNER = slice(21, 28)
 
 
 @dataclass
@@ -82,7 +124,12 @@ class EbpfOptions:
     update_interval_s: float = 10.0  # UPDATE for flows living longer, when they changed
     udp_idle_timeout_s: float = 60.0  # a UDP flow without datagrams for this long ENDs
     state_events: bool = False  # publish every TCP state change as STATE
-    poll_ms: int = 100
+    poll_ms: int = 100  # longest wait for the first event of a batch
+    # under load (batches of batch_min events or more), pause batch_ms after each batch so
+    # that the next comes bigger (fewer wakeups); light traffic is handled as it comes, while
+    # short-lived processes can still be read in /proc
+    batch_min: int = 64
+    batch_ms: int = 20
     ring_buffer_pages: int = 1024  # 4 MiB
     tcp_entries: int = 65536
     udp_entries: int = 65536
@@ -90,28 +137,23 @@ class EbpfOptions:
     cgroup_root: Path | None = None  # default: the cgroup2 mount
     cgroups: CgroupResolver = field(default_factory=CgroupResolver)
     processes: ProcessCache | None = None  # default: a cache sharing ``cgroups``
+    # called every map_fill_interval_s with {map name: entries / max_entries} (HASH_MAPS)
+    on_map_fill: Callable[[dict[str, float]], None] | None = None
+    map_fill_interval_s: float = 5.0
 
 
-@dataclass
-class Endpoints:
-    """Addresses of a flow, as published (IPv4-mapped IPv6 reported as IPv4)."""
-
-    family: str
-    local_ip: str
-    local_port: int
-    remote_ip: str
-    remote_port: int
-
-
-@dataclass
+@dataclass(slots=True)
 class Live:
-    """What user space remembers of a flow between its START and END."""
+    """What user space remembers of a flow between its START and END; ``fields`` are the
+    record fields of the flow that do not change during its life (the owner's are shared)."""
 
     transport: str
     start_ns: int
     role: str
-    ends: Endpoints
-    owner: dict[str, Any] | None
+    owner: dict[str, Any] | None  # the owner's record fields (see _owner)
+    fields: dict[str, Any]
+    key: str  # the Kafka key of its records
+    id_text: str  # event_id text from the cookie to the event's type
     reported: tuple[int, ...] = ()
     reported_ns: int = 0
     retrans: int = 0
@@ -120,8 +162,9 @@ class Live:
 
 def available() -> tuple[bool, str]:
     """Whether the eBPF sensor can run here, and if not, why (for doctor and the fallback)."""
-    if os.geteuid() != 0:
-        return False, "needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
+    lacking = privileges.ebpf_missing()
+    if lacking:
+        return False, f"missing capabilities {', '.join(lacking)} (run as root or grant them)"
     try:
         import bcc  # noqa: F401
     except ImportError as error:
@@ -133,28 +176,26 @@ def available() -> tuple[bool, str]:
                       f"link {build} to /usr/src/linux-headers-<version>-amd64"
     if not (cgroup2_root() / "cgroup.procs").exists():
         return False, "no cgroup2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)"
-    if not (TRACEFS / "events" / "sock" / "sock_send_length").exists():
+    try:
+        (TRACEFS / "events" / "sock" / "sock_send_length" / "format").read_bytes()
+    except PermissionError:
+        return False, f"cannot read {TRACEFS} (owner only): missing CAP_DAC_READ_SEARCH (bcc " \
+                      "compiles the tracepoint arguments from its event formats)"
+    except OSError:
         return False, f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS}) " \
                       "or the sock tracepoints are missing"
     if not Path("/sys/kernel/btf/vmlinux").exists():
         return False, "the kernel has no BTF (/sys/kernel/btf/vmlinux)"
-    return True, "root, bcc, kernel headers, cgroup2 and tracefs are present"
+    return True, "capabilities, bcc, kernel headers, cgroup2 and tracefs are present"
 
 
-def _address(raw: bytes, family: int) -> tuple[str, str]:
+def address(raw: bytes, family: int) -> tuple[str, str]:
     """(ECS network.type, text) of a kernel address; IPv4-mapped IPv6 becomes IPv4."""
     if family == AF_INET:
         return "ipv4", socket.inet_ntop(socket.AF_INET, raw[:4])
     if raw[:12] == V4_MAPPED_PREFIX:
         return "ipv4", socket.inet_ntop(socket.AF_INET, raw[12:16])
     return "ipv6", socket.inet_ntop(socket.AF_INET6, raw[:16])
-
-
-def endpoints(family: int, laddr: bytes, lport: int, raddr: bytes, rport: int) -> Endpoints:
-    """Published addresses from kernel ones (network byte order, 4 or 16 bytes)."""
-    fam, local = _address(bytes(laddr), family)
-    _, remote = _address(bytes(raddr), family)
-    return Endpoints(fam, local, lport, remote, rport)
 
 
 def end_reason(kind: int, flags: int, oldstate: int) -> str:
@@ -189,13 +230,18 @@ class EbpfSensor:
         self.processes = options.processes or ProcessCache(cgroups=options.cgroups)
         self.boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         self._fields = schemas.defaults("EbpfEvent")
+        self._template = {**self._fields, "host_name": options.host_name,
+                          "boot_id": self.boot_id}
+        self._id_prefix = hashlib.blake2b(f"{options.host_name}|{self.boot_id}|".encode(),
+                                          digest_size=16)
+        self._addresses: dict[tuple[bytes, int], tuple[str, str]] = {}
         self._tcp: dict[int, Live] = {}
         self._udp: dict[UdpKey, Live] = {}
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}
         self._ended: OrderedDict[int, None] = OrderedDict()  # TCP cookies ended lately
         self._owners: OrderedDict[tuple[Any, ...], tuple[int, dict[str, Any]]] = OrderedDict()
         self._drops: tuple[int, ...] = (0,) * len(DROP_FIELDS)
-        self._pending: list[Event] = []
+        self._pending: list[bytes] = []
         self._links: list[int] = []  # bpf_link fds of the cgroup programs
         self._cgroup_fd = -1
         self._boot_offset = 0
@@ -212,7 +258,8 @@ class EbpfSensor:
         cflags = [f"-DRINGBUF_PAGES={o.ring_buffer_pages}", f"-DTCP_ENTRIES={o.tcp_entries}",
                   f"-DUDP_ENTRIES={o.udp_entries}", f"-DOWNER_ENTRIES={o.owner_entries}",
                   "-Wno-unused-function"]
-        self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        with COMPILE_LOCK:
+            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
         if o.state_events:
             self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(C_STATE_EVENTS)
         self._cgroup_fd = os.open(o.cgroup_root or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
@@ -225,6 +272,7 @@ class EbpfSensor:
             fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
             self._links.append(_cgroup_link(fn.fd, self._cgroup_fd, attach_type))
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        release_compiler_memory()
 
     def close(self) -> None:
         """Detach every program (close its link) and free the maps."""
@@ -243,27 +291,46 @@ class EbpfSensor:
         o = self.options
         scan_every = max(0.2, min(5.0, o.update_interval_s / 2, o.udp_idle_timeout_s / 2))
         next_scan = time.monotonic() + scan_every
+        next_fill = time.monotonic()
         self._report_drops(time.time_ns(), always=True)  # marks the (re)start: counters from 0
         while not stop.is_set():
-            self.poll(o.poll_ms)
+            handled = self.poll(o.poll_ms)
             if time.monotonic() >= next_scan:
                 self.scan()
                 next_scan = time.monotonic() + scan_every
+            if o.on_map_fill is not None and time.monotonic() >= next_fill:
+                o.on_map_fill(self.map_fill())
+                next_fill = time.monotonic() + o.map_fill_interval_s
+            if handled >= o.batch_min and not self._pending:
+                stop.wait(o.batch_ms / 1000)
         self.poll(0)
+        while self._pending:  # the backlog read ahead
+            self.poll(0)
         self.scan(always_drops=True)
 
     # ---- events ----------------------------------------------------------------------------
 
-    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
-        # called from inside bcc's poll (a ctypes callback that swallows exceptions): copy only
-        self._pending.append(Event.from_buffer_copy(ct.string_at(data, ct.sizeof(Event))))
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
+        # called from inside bcc's poll (a ctypes callback that swallows exceptions): copy only;
+        # return an int (bcc converts the result with int(), and raising per event is slow)
+        self._pending.append(ct.string_at(data, EVENT.size))
+        return 0
 
-    def poll(self, timeout_ms: int) -> None:
-        """Wait up to ``timeout_ms`` for kernel events and publish them."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` for kernel events and publish them; returns their number.
+
+        Between chunks the ring buffer is drained into memory (a backlog handled by the next
+        poll), so that a slow moment of user space delays events instead of losing them.
+        """
+        self.bpf.ring_buffer_poll(0 if self._pending else timeout_ms)
         pending, self._pending = self._pending, []
-        for ev in pending:
-            self._handle(ev)
+        make = Event._make
+        for start in range(0, len(pending), HANDLE_CHUNK):
+            if start and len(self._pending) < BACKLOG_MAX:
+                self.bpf.ring_buffer_consume()
+            for values in EVENT.iter_unpack(b"".join(pending[start:start + HANDLE_CHUNK])):
+                self._handle(make(values))
+        return len(pending)
 
     def _handle(self, ev: Event) -> None:
         if ev.type == EV_RELEASE:
@@ -277,52 +344,61 @@ class EbpfSensor:
         elif ev.type == EV_STATE:
             live = self._tcp.get(ev.cookie)
             if live is not None:
-                self._emit("STATE", ev.cookie, live, self._ns(ev.ts_ns), counters=_counters(ev),
+                self._emit("STATE", ev.cookie, live, self._ns(ev.ts_ns), counters=ev[COUNTERS],
                            state=TCP_STATES.get(ev.state),
                            previous_state=TCP_STATES.get(ev.oldstate))
 
+    def _live(self, transport: str, cookie: int, start_ns: int, role: int, family: int,
+              laddr: bytes, lport: int, raddr: bytes, rport: int,
+              owner: dict[str, Any] | None) -> Live:
+        """A followed flow with the fixed part of its records built once."""
+        fam, local = self._address(laddr, family)
+        _, remote = self._address(raddr, family)
+        fields = {"cookie": cookie, "start_ns": start_ns, "transport": transport, "family": fam,
+                  "role": ROLES[role], "local_ip": local, "local_port": lport,
+                  "remote_ip": remote, "remote_port": rport}
+        return Live(transport, start_ns, ROLES[role], owner, fields,
+                    f"{self.options.host_name}:{cookie}", f"{cookie}|{remote}:{rport}|")
+
+    def _live_of(self, transport: str, ev: Event) -> Live:
+        return self._live(transport, ev.cookie, self._ns(ev.start_ns), ev.role, ev.family,
+                          ev.laddr, ev.lport, ev.raddr, ev.rport, self._owner(ev[OWNER]))
+
     def _tcp_start(self, ev: Event, synthesized: bool = False) -> Live | None:
-        if ev.cookie in self._ended or ev.cookie in self._tcp:
+        cookie = ev.cookie
+        if cookie in self._ended or cookie in self._tcp:
             return None  # a first-I/O START racing the END on another CPU
-        live = Live("tcp", self._ns(ev.start_ns), ROLES[ev.role],
-                    endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
-                    self._owner(ev.owner))
-        self._tcp[ev.cookie] = live
-        live.reported_ns = self._ns(ev.ts_ns)
-        counters = (0,) * 7 if synthesized else _counters(ev)
-        self._emit("START", ev.cookie, live, live.reported_ns, counters=counters,
-                   state="ESTABLISHED")
+        live = self._tcp[cookie] = self._live_of("tcp", ev)
+        self._emit("START", cookie, live, self._ns(ev.ts_ns),
+                   counters=(0,) * 7 if synthesized else ev[COUNTERS], state="ESTABLISHED")
         return live
 
     def _tcp_end(self, ev: Event) -> None:
         failed = ev.type == EV_FAILURE
-        live = self._tcp.pop(ev.cookie, None)
+        cookie = ev.cookie
+        live = self._tcp.pop(cookie, None)
         if live is None and not failed:
             live = self._tcp_start(ev, synthesized=True)  # closed before any I/O, or lost
-            self._tcp.pop(ev.cookie, None)
+            self._tcp.pop(cookie, None)
         if live is None:
-            live = Live("tcp", self._ns(ev.start_ns), ROLES[ev.role],
-                        endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
-                        self._owner(ev.owner))
-        elif live.owner is None and ev.owner.pid:
-            live.owner = self._owner(ev.owner)
+            live = self._live_of("tcp", ev)
+        elif live.owner is None and ev.owner_pid:
+            live.owner = self._owner(ev[OWNER])
         if not failed:  # (a failed socket may connect() again)
-            self._ended[ev.cookie] = None
-            while len(self._ended) > ENDED_MEMORY:
+            self._ended[cookie] = None
+            if len(self._ended) > ENDED_MEMORY:
                 self._ended.popitem(last=False)
         reason = end_reason(ev.type, ev.flags, ev.oldstate)
-        self._emit("FAILURE" if failed else "END", ev.cookie, live, self._ns(ev.ts_ns),
-                   counters=_counters(ev), state="CLOSE",
+        self._emit("FAILURE" if failed else "END", cookie, live, self._ns(ev.ts_ns),
+                   counters=ev[COUNTERS], state="CLOSE",
                    previous_state=TCP_STATES.get(ev.oldstate), reason=reason,
                    error=ERRORS.get(reason))
 
     def _udp_start(self, ev: Event) -> None:
-        key = (ev.cookie, bytes(ev.raddr), ev.rport, ev.family)
+        key = (ev.cookie, ev.raddr, ev.rport, ev.family)
         if key in self._udp:
             return
-        live = Live("udp", self._ns(ev.start_ns), ROLES[ev.role],
-                    endpoints(ev.family, ev.laddr, ev.lport, ev.raddr, ev.rport),
-                    self._owner(ev.owner))
+        live = self._live_of("udp", ev)
         self._udp_add(key, live)
         live.reported_ns = live.start_ns
         self._emit("START", ev.cookie, live, live.start_ns, counters=(0, 0, 0, 0))
@@ -335,8 +411,8 @@ class EbpfSensor:
         table = self.bpf[b"udp_flows"]
         for key in self._udp_by_cookie.pop(ev.cookie, set()):
             live = self._udp.pop(key)
-            if live.owner is None and ev.owner.pid:
-                live.owner = self._owner(ev.owner)
+            if live.owner is None and ev.owner_pid:
+                live.owner = self._owner(ev[OWNER])
             ckey = self._udp_key(table, key)
             try:
                 value = table[ckey]
@@ -368,6 +444,7 @@ class EbpfSensor:
 
     def _scan_tcp(self, now: int, interval: int) -> None:
         seen: set[int] = set()
+        read: dict[int, int] | None = None  # bytes read by applications, by socket cookie
         for key, f in _items(self.bpf[b"tcp_flows"]):
             cookie = int(key)  # batch lookups give plain ints for integer keys
             seen.add(cookie)
@@ -377,12 +454,17 @@ class EbpfSensor:
                     continue
                 live = self._adopt_tcp(cookie, f)  # its START event was lost
             live.missing = False
-            counters = _flow_counters(f)
+            due = now - live.reported_ns >= interval
+            if not due and f.retrans <= live.retrans:
+                continue
+            if read is None:
+                read = {info.cookie: info.rx for _, info in _items(self.bpf[b"sk_cookie"])}
+            counters = _flow_counters(f, read.get(cookie, 0))
             if f.retrans > live.retrans:
                 live.retrans = f.retrans
                 self._emit("RETRANSMIT", cookie, live, now, counters=counters, rtt=_rtt(f),
                            state="ESTABLISHED")
-            if now - live.reported_ns >= interval and counters != live.reported:
+            if due and counters != live.reported:
                 self._emit("UPDATE", cookie, live, now, counters=counters, rtt=_rtt(f),
                            state="ESTABLISHED")
         for cookie in [c for c in self._tcp if c not in seen]:
@@ -396,14 +478,15 @@ class EbpfSensor:
     def _owner_of(self, cookie: int) -> dict[str, Any] | None:
         """The owner the kernel recorded for a socket, for flows whose event did not carry it."""
         try:
-            return self._owner(self.bpf[b"owners"][ct.c_uint64(cookie)])
+            o = self.bpf[b"owners"][ct.c_uint64(cookie)]
         except KeyError:
             return None
+        return self._owner((o.cgroup_id, o.pid, o.tid, o.uid, o.gid, o.comm, o.source))
 
     def _adopt_tcp(self, cookie: int, f: Any) -> Live:
-        live = Live("tcp", self._ns(f.start_ns), ROLES[f.role],
-                    endpoints(f.family, f.laddr, f.lport, f.raddr, f.rport),
-                    self._owner_of(cookie))
+        live = self._live("tcp", cookie, self._ns(f.start_ns), f.role, f.family,
+                          bytes(f.laddr), f.lport, bytes(f.raddr), f.rport,
+                          self._owner_of(cookie))
         self._tcp[cookie] = live
         self._emit("START", cookie, live, live.start_ns, counters=(0, 0, 0, 0),
                    state="ESTABLISHED")
@@ -416,11 +499,9 @@ class EbpfSensor:
             key = (ckey.cookie, bytes(ckey.raddr), ckey.rport, ckey.family)
             live = self._udp.get(key)
             if live is None:  # its START event was lost
-                fam, local = _address(bytes(value.laddr), ckey.family)
-                _, remote = _address(bytes(ckey.raddr), ckey.family)
-                live = Live("udp", self._ns(value.start_ns), ROLES[value.role],
-                            Endpoints(fam, local, value.lport, remote, ckey.rport),
-                            self._owner_of(ckey.cookie))
+                live = self._live("udp", ckey.cookie, self._ns(value.start_ns), value.role,
+                                  ckey.family, bytes(value.laddr), value.lport, key[1],
+                                  ckey.rport, self._owner_of(ckey.cookie))
                 self._udp_add(key, live)
                 self._emit("START", key[0], live, live.start_ns, counters=(0, 0, 0, 0))
             elif live.owner is None:  # a socket older than the sensor: owned at first I/O
@@ -445,9 +526,14 @@ class EbpfSensor:
         self._drops = drops
         record = dict(self._fields)
         record.update(type="DROPS", host_name=self.options.host_name, boot_id=self.boot_id,
-                      cookie=0, timestamp_ns=now, event_id=self._event_id(0, "", "DROPS", now),
+                      cookie=0, timestamp_ns=now, event_id=self._event_id("0||DROPS", now),
                       drops=dict(zip(DROP_FIELDS, drops, strict=True)))
         self.publish(TOPIC, f"{self.options.host_name}:drops", record)
+
+    def map_fill(self) -> dict[str, float]:
+        """Entries / max_entries of each BPF hash map (near 1: new sockets go untracked)."""
+        return {name: _count(self.bpf[name.encode()]) / self.bpf[name.encode()].max_entries
+                for name in HASH_MAPS}
 
     @property
     def drops(self) -> dict[str, int]:
@@ -463,80 +549,80 @@ class EbpfSensor:
         """Epoch nanoseconds of a bpf_ktime_get_boot_ns() value."""
         return boot_ns + self._boot_offset
 
-    def _owner(self, owner: Any) -> dict[str, Any] | None:
-        """The published owner (shared, read-only) of kernel owner facts; cached briefly so
-        that a process opening many sockets costs one /proc read per OWNER_TTL_NS."""
-        if not owner.pid:
-            return None
-        key = (owner.pid, owner.tid, owner.comm, owner.uid, owner.gid, owner.cgroup_id,
-               owner.source)
+    def _address(self, raw: bytes, family: int) -> tuple[str, str]:
+        """``address``, remembered: a host talks with few addresses."""
+        key = (raw, family)
+        text = self._addresses.get(key)
+        if text is None:
+            if len(self._addresses) >= ADDRESS_CACHE:
+                self._addresses.clear()
+            text = self._addresses[key] = address(raw, family)
+        return text
+
+    def _owner(self, facts: tuple[Any, ...]) -> dict[str, Any] | None:
+        """The record fields (process, cgroup, container, netns; shared, read-only) of kernel
+        owner facts (an ``Owner`` tuple); cached briefly so that a process opening many
+        sockets costs one /proc read per OWNER_TTL_NS."""
         now = time.monotonic_ns()
-        cached = self._owners.get(key)
+        cached = self._owners.get(facts)
         if cached is not None and now - cached[0] < OWNER_TTL_NS:
             return cached[1]
-        record = self.processes.lookup(owner.pid, comm=owner.comm.decode(errors="replace"),
+        owner = Owner._make(facts)
+        if not owner.pid:
+            return None
+        comm = owner.comm.split(b"\0", 1)[0].decode(errors="replace")
+        record = self.processes.lookup(owner.pid, comm=comm,
                                        tid=owner.tid, uid=owner.uid, gid=owner.gid,
                                        cgroup_id=owner.cgroup_id)
         if record.get("container_id") is None and record.get("cgroup_path"):
             ref = container_from_cgroup_path(record["cgroup_path"])
             record["container_id"] = ref.container_id if ref else None
-        result = {"process": record, "source": SOURCES.get(owner.source),
-                  "netns_inode": _netns_inode(owner.pid)}
-        self._owners[key] = (now, result)
-        self._owners.move_to_end(key)
-        while len(self._owners) > OWNER_CACHE:
+        result = {"process": record, "process_source": SOURCES.get(owner.source),
+                  "netns_inode": _netns_inode(owner.pid), "cgroup_id": record.get("cgroup_id"),
+                  "container_id": record.get("container_id")}
+        self._owners[facts] = (now, result)
+        self._owners.move_to_end(facts)
+        if len(self._owners) > OWNER_CACHE:
             self._owners.popitem(last=False)
         return result
 
-    def _event_id(self, cookie: int, remote: str, kind: str, ts: int) -> str:
-        text = f"{self.options.host_name}|{self.boot_id}|{cookie}|{remote}|{kind}|{ts}"
-        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    def _event_id(self, text: str, ts: int) -> str:
+        """Hex digest of host, boot id, ``text`` (cookie, remote end, type) and ``ts``."""
+        hasher = self._id_prefix.copy()
+        hasher.update(f"{text}|{ts}".encode())
+        return hasher.hexdigest()
 
     def _emit(self, kind: str, cookie: int, live: Live, ts: int, *,
               counters: tuple[int, ...] = (), rtt: tuple[int, int, int] | None = None,
               **extra: Any) -> None:
-        ends = live.ends
-        record = dict(self._fields)
-        record.update(
-            type=kind, host_name=self.options.host_name, boot_id=self.boot_id, cookie=cookie,
-            timestamp_ns=ts, start_ns=live.start_ns, transport=live.transport,
-            family=ends.family, role=live.role, local_ip=ends.local_ip,
-            local_port=ends.local_port, remote_ip=ends.remote_ip, remote_port=ends.remote_port,
-            event_id=self._event_id(cookie, f"{ends.remote_ip}:{ends.remote_port}", kind, ts))
+        record = self._template.copy()
+        record.update(live.fields)
+        if live.owner is not None:
+            record.update(live.owner)
+        record["type"] = kind
+        record["timestamp_ns"] = ts
+        record["event_id"] = self._event_id(live.id_text + kind, ts)
         if kind != "START":
             record["duration_ns"] = max(0, ts - live.start_ns)
         if counters:
             (record["bytes_sent"], record["bytes_received"], record["packets_sent"],
-             record["packets_received"]) = counters[:4]
-            live.reported = counters[:4]
+             record["packets_received"]) = live.reported = counters[:4]
             live.reported_ns = ts
-        if len(counters) > 4:
-            record["srtt_us"], record["rttvar_us"], record["retransmits"] = counters[4:7]
+            if len(counters) > 4:
+                record["srtt_us"], record["rttvar_us"], record["retransmits"] = counters[4:7]
         if rtt is not None:
             record["srtt_us"], record["rttvar_us"], record["retransmits"] = rtt
-        if live.owner is not None:
-            process = live.owner["process"]
-            record.update(process=process, process_source=live.owner["source"],
-                          netns_inode=live.owner["netns_inode"],
-                          cgroup_id=process.get("cgroup_id"),
-                          container_id=process.get("container_id"))
-        record.update(extra)
-        self.publish(TOPIC, f"{self.options.host_name}:{cookie}", record)
+        if extra:
+            record.update(extra)
+        self.publish(TOPIC, live.key, record)
 
 
-def _counters(ev: Event) -> tuple[int, ...]:
-    """Counters of a TCP kernel event: bytes and packets, then srtt, rttvar, retransmits."""
-    return (ev.bytes_sent, ev.bytes_received, ev.pkts_sent, ev.pkts_received, ev.srtt_us,
-            ev.rttvar_us, ev.retrans)
-
-
-def _flow_counters(f: Any) -> tuple[int, ...]:
-    """Counters of a live TCP flow from its map entry (see tcp_fill_event in flows.c)."""
-    sent = f.bytes_acked - f.acked0
-    if f.app_tx:
-        sent = min(sent, f.app_tx)  # never more than written: leaves out a counted FIN
+def _flow_counters(f: Any, read: int) -> tuple[int, ...]:
+    """Counters of a live TCP flow from its map entry (see tcp_fill_event in flows.c) and the
+    bytes its application ``read`` (newer than the entry when the socket only receives)."""
+    sent = f.bytes_acked - f.acked0 - (1 if f.flags & F_FIN_ACKED else 0)
     received = f.bytes_received - f.rcvd0 - (1 if f.flags & F_FIN_IN else 0)
-    return (max(0, sent), max(received, f.app_rx), f.segs_out, f.segs_in)
+    return (max(0, sent), max(received, read), f.segs_out, f.segs_in)
 
 
 def _rtt(f: Any) -> tuple[int, int, int]:
@@ -545,6 +631,21 @@ def _rtt(f: Any) -> tuple[int, int, int]:
 
 def _udp_counters(v: Any) -> tuple[int, ...]:
     return (v.tx_bytes, v.rx_bytes, v.tx_pkts, v.rx_pkts)
+
+
+def release_compiler_memory() -> None:
+    """Give back what compiling cost once the programs are loaded (RSS about 150 -> 60 MiB):
+    the compiler's freed heap (malloc_trim) and the resident pages of LLVM's and clang's
+    libraries (MADV_PAGEOUT, Linux 5.4+: a hint; a page used again is read back in)."""
+    libc = ct.CDLL("libc.so.6", use_errno=True)
+    libc.malloc_trim(0)
+    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) > 5 and COMPILER_LIBRARIES.search(fields[5]):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                libc.madvise(start, end - start, MADV_PAGEOUT)  # refused on old kernels: kept
 
 
 def _cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
@@ -560,6 +661,28 @@ def _cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
     if fd < 0:
         raise OSError(-fd, f"bpf_link_create (attach type {attach_type}): {os.strerror(-fd)}")
     return fd
+
+
+def _count(table: Any) -> int:
+    """Entries of a BPF hash map: batch lookups into one small reused buffer, no per-entry
+    Python work (bcc's own batch reads allocate max_entries and build every pair)."""
+    from bcc.libbcc import lib
+
+    keys, values = (table.Key * COUNT_CHUNK)(), (table.Leaf * COUNT_CHUNK)()
+    token, count = ct.c_uint32(0), ct.c_uint32(0)
+    total, first = 0, True
+    while True:
+        count.value = COUNT_CHUNK
+        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token),
+                                   ct.byref(token), ct.byref(keys), ct.byref(values),
+                                   ct.byref(count))
+        error = ct.get_errno()
+        total += count.value
+        if res != 0:
+            if error == errno.ENOENT:  # the end of the map
+                return total
+            raise OSError(error, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(error)}")
+        first = False
 
 
 def _items(table: Any) -> list[tuple[Any, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 
+from sensor.ebpf import COMPILE_LOCK
 from sensor.processes import LineageScanner, ProcessCache, ProcessOptions, process_event
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,10 @@ class LineageFeed:
         from bcc import BPF
 
         o = self.options
-        self.bpf = BPF(src_file=str(SOURCE).encode(),
-                       cflags=[f"-DRINGBUF_PAGES={o.ring_buffer_pages}",
-                               f"-DPARENT_ENTRIES={o.parent_entries}"])
+        with COMPILE_LOCK:
+            self.bpf = BPF(src_file=str(SOURCE).encode(),
+                           cflags=[f"-DRINGBUF_PAGES={o.ring_buffer_pages}",
+                                   f"-DPARENT_ENTRIES={o.parent_entries}"])
         self.bpf[b"process_events"].open_ring_buffer(self._on_event)
 
     def close(self) -> None:

@@ -34,6 +34,11 @@ _SECRET_WORDS = (r"pass(?:word|wd)?|pwd|token|secret|api[-_]?key|access[-_]?key|
 # start time converted another way may differ by up to a second.
 START_TIME_TOLERANCE_MS = 1000
 KTHREADD = 2
+# Published command lines are cut to this (per argument, then in total) after redaction (linear
+# in the length): a 2 MB command line must not exceed Kafka's message size.
+ARG_CHARS = 8192
+ARGS_CHARS = 32768
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _MYSQL_FAMILY = frozenset({"mysql", "mysqldump", "mysqladmin", "mysqlimport", "mysqlshow",
                            "mysqlcheck", "mariadb", "mariadb-dump", "mariadb-admin"})
 
@@ -61,9 +66,10 @@ class RedactRule:
 
 DEFAULT_REDACT_RULES: tuple[RedactRule, ...] = (
     # --password=x, --db-password x, --token x, --api-key=x, -password x
-    RedactRule(re.compile(rf"(?i)^--?[\w.-]*(?:{_SECRET_WORDS})[\w.-]*(?:=(?P<secret>.+))?$")),
+    RedactRule(re.compile(rf"(?i)^--?(?=[\w.-]*(?:{_SECRET_WORDS}))[\w.-]*+"
+                          r"(?:=(?P<secret>.+))?$")),
     # token=x, PGPASSWORD=x, AWS_SECRET_ACCESS_KEY=x, ?access_token=x in URLs
-    RedactRule(re.compile(rf"(?i)(?:^|[?&;,\s])[\w.-]*(?:{_SECRET_WORDS})[\w.-]*="
+    RedactRule(re.compile(rf"(?i)(?:^|[?&;,\s])(?=[\w.-]*(?:{_SECRET_WORDS}))[\w.-]*+="
                           r"(?P<secret>[^&;,\s]+)")),
     # scheme://user:password@host
     RedactRule(re.compile(r"://[^/:@\s]+:(?P<secret>[^@/\s]+)@")),
@@ -138,12 +144,24 @@ def _start_ms(proc: psutil.Process) -> int:
     return round(proc.create_time() * 1000)
 
 
+def start_ticks(pid: int, proc: str = "/proc") -> int | None:
+    """Start time of ``pid`` in clock ticks after boot (/proc/<pid>/stat field 22), None if
+    it is gone: one read, a fifth of what psutil.Process(pid) costs."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2:].split(None, 20)[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class ProcessCache:
     """Completes kernel-reported process facts with /proc, cached by (pid, start time).
 
     A pid whose process started after the kernel event (pid reuse) or that has exited keeps
-    only the kernel fields; the rest stay null.
+    only the kernel fields; the rest stay null. A hit costs one read of /proc/<pid>/stat (the
+    start time that names the process); psutil reads the rest once per process.
     """
 
     redact_rules: Sequence[RedactRule | str] = DEFAULT_REDACT_RULES
@@ -153,6 +171,7 @@ class ProcessCache:
     _entries: OrderedDict[tuple[int, int], dict[str, Any]] = field(
         default_factory=OrderedDict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _boot_time: float = field(default_factory=psutil.boot_time, init=False, repr=False)
 
     def lookup(self, pid: int, *, comm: str | None = None, tid: int | None = None,
                uid: int | None = None, gid: int | None = None, cgroup_id: int | None = None,
@@ -160,11 +179,10 @@ class ProcessCache:
         """The ``packetless.Process`` record of ``pid``; keyword arguments are kernel facts."""
         kernel = {k: v for k, v in (("comm", comm), ("tid", tid), ("uid", uid), ("gid", gid),
                                     ("cgroup_id", cgroup_id)) if v is not None}
-        try:
-            proc = psutil.Process(pid)
-            key = (pid, _start_ms(proc))
-        except psutil.Error:
+        ticks = start_ticks(pid, str(self.proc))
+        if ticks is None:
             return self._vanished(pid, kernel, start_time_ms)
+        key = (pid, round((self._boot_time + ticks / CLOCK_TICKS) * 1000))  # as psutil does
         if start_time_ms is not None and abs(key[1] - start_time_ms) > START_TIME_TOLERANCE_MS:
             return self._vanished(pid, kernel, start_time_ms)
         with self._lock:
@@ -172,7 +190,7 @@ class ProcessCache:
             if cached is not None:
                 self._entries.move_to_end(key)
         if cached is None:
-            cached = self._read(proc, key[1])
+            cached = self._read(pid, key[1])
             if cached is None:
                 return self._vanished(pid, kernel, start_time_ms)
             with self._lock:
@@ -213,17 +231,23 @@ class ProcessCache:
             record["group_name"] = group_name(record["gid"])
         return record
 
-    def _read(self, proc: psutil.Process, start_ms: int) -> dict[str, Any] | None:
-        """Everything /proc says about ``proc``; None if it exited while being read."""
-        values: dict[str, Any] = {"pid": proc.pid, "start_time_ms": start_ms}
+    def _read(self, pid: int, start_ms: int) -> dict[str, Any] | None:
+        """Everything /proc says about process (``pid``, ``start_ms``); None if it exited (or
+        the pid was reused) meanwhile."""
+        values: dict[str, Any] = {"pid": pid, "start_time_ms": start_ms}
         try:
+            proc = psutil.Process(pid)
+            if abs(_start_ms(proc) - start_ms) > START_TIME_TOLERANCE_MS:
+                return None
             with proc.oneshot():
-                values["comm"] = proc.name()
+                values["comm"] = text(proc.name())
                 uids, gids = proc.uids(), proc.gids()
                 values["uid"], values["gid"] = uids.real, gids.real
                 values["ppid"] = proc.ppid()
-                values["exe"] = _allowed(proc.exe) or None
-                values["args"] = redact(_allowed(proc.cmdline) or [], self.redact_rules)
+                values["exe"] = _executable(pid, self.proc)
+                # redacted whole, then cut: a cut must not split a secret from its marker
+                values["args"] = bounded(redact([text(a) for a in _allowed(proc.cmdline) or []],
+                                                self.redact_rules))
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return None
         values["user_name"] = user_name(values["uid"])
@@ -243,6 +267,38 @@ class ProcessCache:
         return self.cgroups.id_of(path)
 
 
+def text(value: str) -> str:
+    """``value`` as valid UTF-8: bytes /proc gave that are not UTF-8 (psutil keeps them as
+    surrogate escapes, which Avro cannot encode) become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def bounded(args: list[str]) -> list[str]:
+    """``args`` cut to ARG_CHARS per argument and ARGS_CHARS in total; the last element then
+    says how much was left out."""
+    out: list[str] = []
+    total = 0
+    for index, arg in enumerate(args):
+        if total + min(len(arg), ARG_CHARS) > ARGS_CHARS:
+            left = sum(len(a) for a in args[index:])
+            out.append(f"<truncated: {len(args) - index} more arguments, {left} characters>")
+            return out
+        if len(arg) > ARG_CHARS:
+            arg = f"{arg[:ARG_CHARS]}<truncated: {len(arg) - ARG_CHARS} characters>"
+        out.append(arg)
+        total += len(arg)
+    return out
+
+
+def _executable(pid: int, proc: Path) -> str | None:
+    """/proc/<pid>/exe; None when denied (another user's process without CAP_SYS_PTRACE, where
+    psutil would guess argv[0], which the process chooses itself) or gone."""
+    try:
+        return text(os.readlink(proc / str(pid) / "exe"))
+    except OSError:
+        return None
+
+
 def _allowed(getter: Callable[[], Any]) -> Any:
     """``getter()``, or None when /proc denies it (another user's process, unprivileged)."""
     try:
@@ -255,7 +311,7 @@ def _parent_name(ppid: int) -> str | None:
     if ppid <= 0:
         return None
     try:
-        return psutil.Process(ppid).name()
+        return text(psutil.Process(ppid).name())
     except psutil.Error:
         return None
 

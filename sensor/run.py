@@ -21,8 +21,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from packetless.config import Settings
-from packetless.kafka import Publisher
-from sensor import containers, ebpf, netlink, processes
+from packetless.kafka import Publisher, dead_letter_record
+from packetless.topics import topic_name
+from sensor import containers, ebpf, lineage, netlink, processes
 from sensor.cgroups import CgroupResolver
 from sensor.processes import ProcessCache
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 EVENTS = Counter("packetless_sensor_events", "Records the sensor produced, by record type", ["type"])
 LOST = Counter("packetless_sensor_lost_events", "Kernel events lost before user space read them")
 SPOOL = Gauge("packetless_sensor_spool_bytes", "Bytes spooled while Kafka is unreachable")
+MAP_FILL = Gauge("packetless_sensor_bpf_map_fill_ratio",
+                 "Entries / max_entries of each BPF hash map; near 1 new sockets go untracked",
+                 ["map"])
+UNENCODABLE = Counter("packetless_sensor_unencodable_records",
+                      "Records that did not fit their schema, sent to the dead letter topic",
+                      ["type"])
 PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
                             "Seconds from queueing a record to the broker's acknowledgement")
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
@@ -76,9 +83,38 @@ def make_publish(publisher: Publisher, on_container: Callable[[str], object]) ->
             lost_seen = max(lost, lost_seen)
         if suffix == "raw.ebpf" and record.get("container_id"):
             on_container(record["container_id"])
-        publisher.send(suffix, key, record)
+        try:
+            publisher.send(suffix, key, record)
+        except (ValueError, TypeError, OverflowError) as exc:  # the record breaks its schema
+            UNENCODABLE.labels(TOPIC_TYPES.get(suffix, suffix)).inc()
+            log.error("a %s record does not fit its schema (%s): sent to the dead letter topic",
+                      suffix, exc)
+            publisher.send("dlq", key, dead_letter_record(
+                topic=topic_name(publisher.settings, suffix), partition=-1, offset=-1,
+                timestamp_ms=None, key=key.encode(), headers=[], kind="unencodable",
+                value=json.dumps(record, default=repr, ensure_ascii=True).encode(),
+                reason=f"{type(exc).__name__}: {exc}"[:2000], consumer="sensor",
+                host=publisher.settings.host_name))
 
     return publish
+
+
+def run_lineage(publish: Publish, stop: threading.Event, mode: str, host: str,
+                cache: ProcessCache) -> None:
+    """Process lineage: the sched tracepoints in eBPF mode, /proc scans otherwise or when the
+    tracepoint program cannot load (said once, with the reason)."""
+    if mode == "ebpf":
+        attached = threading.Event()
+        try:
+            lineage.run(publish, stop, lineage.LineageOptions(host_name=host, cache=cache),
+                        ready=attached.set)
+            return
+        except Exception as exc:
+            if attached.is_set():
+                raise
+            log.warning("process lineage from the sched tracepoints unavailable (%s): "
+                        "scanning /proc instead", exc)
+    processes.run(publish, stop, processes.ProcessOptions(host_name=host, cache=cache))
 
 
 def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
@@ -110,16 +146,15 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
     publish = make_publish(publisher, watcher.resolve)
     parts = [
         Part("containers", lambda: watcher.run(stop), essential=False),
-        Part("processes", lambda: processes.run(
-            publish, stop, processes.ProcessOptions(host_name=host, cache=cache)), essential=False),
+        Part("processes", lambda: run_lineage(publish, stop, mode, host, cache), essential=False),
         Part("netlink", lambda: netlink.run(publish, stop, netlink.NetlinkOptions(
             host_name=host, interval_s=snapshot_interval, processes=cache, cgroups=cgroups,
             on_container=watcher.resolve)), essential=mode == "netlink"),
     ]
     if mode == "ebpf":
         parts.append(Part("ebpf", lambda: ebpf.run(publish, stop, ebpf.EbpfOptions(
-            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache),
-            ready=mark_ready), essential=True))
+            host_name=host, update_interval_s=update_interval, cgroups=cgroups, processes=cache,
+            on_map_fill=set_map_fill), ready=mark_ready), essential=True))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     threads = [threading.Thread(target=_guard, args=(p, stop), name=p.name, daemon=True)
@@ -137,6 +172,12 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         log.warning("%d records not yet delivered are kept in the spool for the next start", left)
     failed = [p for p in parts if p.essential and p.error is not None]
     return 1 if failed else 0
+
+
+def set_map_fill(fill: dict[str, float]) -> None:
+    """Export the eBPF sensor's map fill ratios."""
+    for name, ratio in fill.items():
+        MAP_FILL.labels(name).set(ratio)
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
