@@ -347,7 +347,7 @@ def test_compose_environment_names_cli_options(service: str) -> None:
 
 def test_dashboard_queries_only_documented_metrics_and_labels() -> None:
     table = metrics_table()
-    assert len(table) == 10
+    assert len(table) == 11
     used: set[str] = set()
     for expr in dashboard_queries():
         for series, selector in re.findall(r"\b(packetless_\w+)(\{[^}]*\})?", expr):
