@@ -237,3 +237,33 @@ class Item:
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def start_holder(log: Path, count: int, timeout: float = 600) -> tuple[subprocess.Popen[bytes], int]:
+    """A ``bench.traffic hold`` process keeping ``count`` loopback connections open on a port
+    of its own, once they are all open; its port. Raises if it fails (its log says why)."""
+    port = new_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([PYTHON, "-m", "bench.traffic", "hold", str(port), str(count)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                                cwd=REPO)
+    deadline = time.monotonic() + timeout
+    while f"held {count}" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            release_holders([proc])
+            raise RuntimeError(f"a holder failed: {log.read_text()[-300:]}")
+        time.sleep(0.2)
+    return proc, port
+
+
+def release_holders(holders: list[subprocess.Popen[bytes]]) -> None:
+    """Let holder processes close their connections and exit (killed after 60 s)."""
+    for proc in holders:
+        if proc.stdin is not None:
+            proc.stdin.close()
+    for proc in holders:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

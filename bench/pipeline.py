@@ -20,7 +20,7 @@ from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
 import schemas
 from bench import traffic
-from bench.common import PYTHON, REPO, Item, fmt, new_port
+from bench.common import PYTHON, REPO, Item, fmt, new_port, release_holders, start_holder
 from bench.stack import (
     LocalStack,
     Offsets,
@@ -261,15 +261,13 @@ def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
             before = held
             while held < n and time.monotonic() - t0 < 900:
                 chunk = min(traffic.HOLD_CHUNK, n - held)
-                log = run_dir / f"hold-{len(holders)}.log"
-                port = new_port()
-                ports.add(port)
-                proc = _spawn([PYTHON, "-m", "bench.traffic", "hold", str(port), str(chunk)],
-                              log, stdin=subprocess.PIPE)
-                holders.append(proc)
-                if not _wait_text(log, f"held {chunk}", proc, 600):
-                    item.notes.append(f"a holder failed: {log.read_text()[-300:]}")
+                try:
+                    proc, port = start_holder(run_dir / f"hold-{len(holders)}.log", chunk)
+                except RuntimeError as exc:
+                    item.notes.append(str(exc))
                     break
+                holders.append(proc)
+                ports.add(port)
                 held += chunk
             opened_s = time.monotonic() - t0
             time.sleep(15)  # the sensor reads its ring buffer and scans its maps (5 s)
@@ -288,15 +286,7 @@ def memory(stack: LocalStack, run_dir: Path, quick: bool) -> Item:
             if held < n:
                 break
     finally:
-        for proc in holders:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for proc in holders:
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        release_holders(holders)
     item.tables.append((["live connections", "open s", "raw START records of new sockets",
                          "sensor RSS MiB", "worker RSS MiB",
                          "worker flows table keys", "sensor ring losses", "tcp map full",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench import traffic
-from bench.common import PYTHON, REPO, Item, fmt, new_port
+from bench.common import Item, fmt, release_holders, start_holder
 from sensor import netlink
 from sensor.processes import ProcessCache
 
@@ -25,34 +25,15 @@ T = TypeVar("T")
 def _hold(run_dir: Path, connections: int) -> list[subprocess.Popen[bytes]]:
     """Holder processes for ``connections`` loopback connections, all open on return."""
     holders: list[subprocess.Popen[bytes]] = []
-    left = connections
-    while left > 0:
-        chunk = min(traffic.HOLD_CHUNK, left)
-        log = run_dir / f"hold-{len(holders)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen([PYTHON, "-m", "bench.traffic", "hold", str(new_port()),
-                                     str(chunk)], cwd=REPO, stdin=subprocess.PIPE, stdout=out,
-                                    stderr=subprocess.STDOUT)
-        holders.append(proc)
-        deadline = time.monotonic() + 600
-        while f"held {chunk}" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"holder failed: {log.read_text()[-300:]}")
-            time.sleep(0.5)
-        left -= chunk
+    try:
+        while connections > 0:
+            chunk = min(traffic.HOLD_CHUNK, connections)
+            holders.append(start_holder(run_dir / f"hold-{len(holders)}.log", chunk)[0])
+            connections -= chunk
+    except BaseException:
+        release_holders(holders)
+        raise
     return holders
-
-
-def _release(holders: list[subprocess.Popen[bytes]]) -> None:
-    for proc in holders:
-        if proc.stdin is not None:
-            proc.stdin.close()
-    for proc in holders:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _timed(fn: Callable[[], T]) -> tuple[T, float, float]:
@@ -83,7 +64,7 @@ def run(run_dir: Path, quick: bool) -> Item:
             if not cpus:
                 cpus.append(cpu)
     finally:
-        _release(holders)
+        release_holders(holders)
     total_cpu = cpus[0]
     item.tables.append((["snapshot", "events (first: every socket)", "tcp events", "CPU s",
                          "wall s",

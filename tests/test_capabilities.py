@@ -27,7 +27,7 @@ from sensor.privileges import CAPABILITIES, ebpf_missing, effective, missing
 from tests.conftest import free_port
 from tests.support.capabilities import require, require_root
 from tests.test_deploy import documented_capabilities
-from tests.test_sensor_cli import exchange, records, wait_mode
+from tests.test_sensor_cli import exchange, records, stop_sensor, wait_mode
 
 UID = 65534
 REPO = Path(__file__).resolve().parent.parent
@@ -84,13 +84,7 @@ def run_as() -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], Path]]]:
 
     yield start
     for proc, _ in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_sensor(proc)
     for path in scratch:
         shutil.rmtree(path, ignore_errors=True)
 

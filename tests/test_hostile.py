@@ -8,7 +8,6 @@ and every flow is either attributed to its container or reported unresolved, nev
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from packetless.kafka import consumer
 from packetless.serde import Codec
 from packetless.topics import topic_name
 from tests.support.capabilities import require_root
-from tests.test_sensor_cli import sensor_process, wait_mode
+from tests.test_sensor_cli import records, sensor_process, stop_sensor, wait_mode
 
 pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
 
@@ -84,37 +83,7 @@ def ebpf_sensor(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen
         assert wait_mode(proc, tmp_path)["mode"] == "ebpf"
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise AssertionError("the sensor did not stop within 60 s of SIGTERM") from None
-
-
-def raw_records(settings: Settings, match: Callable[[dict[str, Any]], bool], want: int,
-                timeout: float = 60) -> tuple[list[dict[str, Any]], int]:
-    """Up to ``want`` matching raw.ebpf records and how many bytes the largest value had."""
-    codec = Codec(settings)
-    cons = consumer(settings, None)
-    cons.subscribe([topic_name(settings, "raw.ebpf")])
-    found: list[dict[str, Any]] = []
-    largest = 0
-    deadline = time.monotonic() + timeout
-    try:
-        while len(found) < want and time.monotonic() < deadline:
-            msg = cons.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            rec = codec.decode("raw.ebpf", msg.value())
-            if rec is not None and match(rec):
-                found.append(rec)
-                largest = max(largest, len(msg.value()))
-    finally:
-        cons.close()
-    return found, largest
+        assert stop_sensor(proc), "the sensor did not stop within 60 s of SIGTERM"
 
 
 def connect_from(argv: list[bytes], port: int, n: int) -> subprocess.Popen[bytes]:
@@ -140,12 +109,14 @@ def test_odd_and_huge_command_lines(settings: Settings, ebpf_sensor: subprocess.
                           and r["remote_port"] == server.port)
 
     started = time.monotonic()
-    starts, largest = raw_records(settings, ours("START"), 2)  # the clients wait meanwhile
+    sizes: list[int] = []
+    starts = records(settings, "raw.ebpf", ours("START"), 2, sizes=sizes)  # clients wait meanwhile
+    largest = max(sizes, default=0)
     took = time.monotonic() - started
     server.close()
     for client in clients.values():
         assert client.wait(30) == 0
-    ends, _ = raw_records(settings, ours("END"), 2)
+    ends = records(settings, "raw.ebpf", ours("END"), 2)
     assert proc.poll() is None, "the sensor stopped"
     by_name = {pids[r["process"]["pid"]]: r for r in starts if r["process"]["pid"] in pids}
     assert set(by_name) == {"odd", "huge"}, starts
@@ -213,13 +184,13 @@ def test_short_lived_container_storm(settings: Settings, docker_client: docker.D
         time.sleep(0.5)
     expected = {peer: by_short.get(head.strip().decode(errors="replace"))
                 for peer, (head, _) in server.received.items()}
-    ends, _ = raw_records(settings, lambda r: r["type"] == "END" and r["role"] == "CLIENT"
-                          and r["remote_ip"] == gateway and r["remote_port"] == server.port,
-                          len(expected), timeout=60 + count / 2)
+    ends = records(settings, "raw.ebpf", lambda r: r["type"] == "END" and r["role"] == "CLIENT"
+                   and r["remote_ip"] == gateway and r["remote_port"] == server.port,
+                   len(expected), timeout=60 + count / 2)
     server.close()
     assert ebpf_sensor.poll() is None, "the sensor stopped"
-    reports, _ = raw_records(settings, lambda r: r["type"] == "DROPS"
-                             and r["timestamp_ns"] >= started_ns, 1_000_000, timeout=5)
+    reports = records(settings, "raw.ebpf", lambda r: r["type"] == "DROPS"
+                      and r["timestamp_ns"] >= started_ns, 1_000_000, timeout=5)
     drops = {k: v for k, v in reports[-1]["drops"].items() if v} if reports else {}
     got = {(r["local_ip"], r["local_port"]): r for r in ends}
     attributed = [p for p, cid in expected.items() if p in got and got[p]["container_id"] == cid]

@@ -48,9 +48,7 @@ def stopper() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     yield procs
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            p.wait(30)
+        stop_sensor(p)
 
 
 def wait_mode(proc: subprocess.Popen[bytes], data_dir: Path, timeout: float = 90) -> dict[str, Any]:
@@ -95,7 +93,10 @@ def exchange(n: int, m: int) -> tuple[int, int]:
     return client_port, port
 
 
-def records(settings: Settings, suffix: str, match: Any, want: int, timeout: float = 60) -> list[dict]:
+def records(settings: Settings, suffix: str, match: Any, want: int, timeout: float = 60,
+            sizes: list[int] | None = None) -> list[dict]:
+    """Up to ``want`` decoded records of ``suffix`` that ``match``; their encoded sizes are
+    appended to ``sizes`` when given."""
     codec = Codec(settings)
     cons = consumer(settings, None)
     cons.subscribe([topic_name(settings, suffix)])
@@ -109,9 +110,25 @@ def records(settings: Settings, suffix: str, match: Any, want: int, timeout: flo
             rec = codec.decode(suffix, msg.value())
             if rec is not None and match(rec):
                 found.append(rec)
+                if sizes is not None:
+                    sizes.append(len(msg.value()))
     finally:
         cons.close()
     return found
+
+
+def stop_sensor(proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+    """SIGTERM, then SIGKILL after ``timeout``; whether it stopped in time."""
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
+    return True
 
 
 def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
