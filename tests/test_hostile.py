@@ -109,9 +109,9 @@ def test_odd_and_huge_command_lines(settings: Settings, ebpf_sensor: subprocess.
                           and r["remote_port"] == server.port)
 
     started = time.monotonic()
-    sizes: list[int] = []
-    starts = records(settings, "raw.ebpf", ours("START"), 2, sizes=sizes)  # clients wait meanwhile
-    largest = max(sizes, default=0)
+    encoded: list[int] = []
+    starts = records(settings, "raw.ebpf", ours("START"), 2, sizes=encoded)  # clients wait
+    largest = max(encoded, default=0)
     took = time.monotonic() - started
     server.close()
     for client in clients.values():
