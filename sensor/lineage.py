@@ -137,10 +137,10 @@ class LineageFeed:
 
     def _start_ms(self, pid: int, event: ProcessEventStruct) -> int | None:
         """Start time of ``pid``: /proc while it lives, else the fork time the kernel saw."""
-        try:
-            return round(psutil.Process(pid).create_time() * 1000)
-        except psutil.Error:
-            return (event.fork_ns + self._boot_offset_ns) // 1_000_000 if event.fork_ns else None
+        started = self.options.cache.start_ms(pid)
+        if started is None and event.fork_ns:
+            started = (event.fork_ns + self._boot_offset_ns) // 1_000_000
+        return started
 
     def _name(self, pid: int) -> str | None:
         alive = self._alive.get(pid)

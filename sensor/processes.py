@@ -179,10 +179,10 @@ class ProcessCache:
         """The ``packetless.Process`` record of ``pid``; keyword arguments are kernel facts."""
         kernel = {k: v for k, v in (("comm", comm), ("tid", tid), ("uid", uid), ("gid", gid),
                                     ("cgroup_id", cgroup_id)) if v is not None}
-        ticks = start_ticks(pid, str(self.proc))
-        if ticks is None:
+        started = self.start_ms(pid)
+        if started is None:
             return self._vanished(pid, kernel, start_time_ms)
-        key = (pid, round((self._boot_time + ticks / CLOCK_TICKS) * 1000))  # as psutil does
+        key = (pid, started)
         if start_time_ms is not None and abs(key[1] - start_time_ms) > START_TIME_TOLERANCE_MS:
             return self._vanished(pid, kernel, start_time_ms)
         with self._lock:
@@ -210,6 +210,11 @@ class ProcessCache:
                 ref = container_from_cgroup_path(path)
                 record["container_id"] = ref.container_id if ref else None
         return record
+
+    def start_ms(self, pid: int) -> int | None:
+        """Start time of ``pid`` in epoch milliseconds (as psutil computes it), None if gone."""
+        ticks = start_ticks(pid, str(self.proc))
+        return None if ticks is None else round((self._boot_time + ticks / CLOCK_TICKS) * 1000)
 
     def forget(self, pid: int, start_time_ms: int) -> None:
         """Drop a process that exited."""

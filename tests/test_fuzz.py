@@ -9,6 +9,7 @@ Example counts scale with PACKETLESS_FUZZ_EXAMPLES (default 200).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import re
 import socket
@@ -32,6 +33,7 @@ from packetless.topics import TOPICS, topic_name
 from sensor import netlink
 from sensor.cgroups import container_from_cgroup_path
 from sensor.processes import REDACTED, redact
+from tests.support.capabilities import require
 
 EXAMPLES = int(os.environ.get("PACKETLESS_FUZZ_EXAMPLES", "200"))
 FUZZ_SECONDS = int(os.environ.get("PACKETLESS_FUZZ_SECONDS", "20"))
@@ -265,7 +267,8 @@ def test_redact_never_crashes_and_keeps_the_shape(argv: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.kafka
 def test_atheris_harness(settings: Settings, tmp_path: Path) -> None:
-    pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris)")
+    require(importlib.util.find_spec("atheris") is not None,
+            "atheris (pip install atheris; in the test extras)")
     harness = Path(__file__).with_name("fuzz_decoders.py")
     env = {**os.environ, "PACKETLESS_REGISTRY_URL": settings.registry_url,
            "PACKETLESS_TOPIC_PREFIX": settings.topic_prefix}
