@@ -8,6 +8,8 @@
 // joined from the tracepoint's sk pointer to the cookie through sk_cookie, which holds the
 // socket's address as an opaque key (stored where a program has both; never dereferenced).
 // Once a TCP socket's owner is known, its I/O costs one lookup there (and a sum for reads).
+// Owners carry the cookie of the socket's network namespace (bpf_get_netns_cookie), which user
+// space maps to the namespace's inode (sensor/netns.py) even after the process is gone.
 //
 // TCP byte counts are the kernel's own (sock_ops bytes_acked / bytes_received) minus what is
 // sequence space but not payload: the SYN (a baseline taken at ESTABLISHED) and a FIN (ours
@@ -70,6 +72,7 @@ struct owner_t {
     char comm[16];
     u8 source;
     u8 pad[7];
+    u64 netns;  // cookie of the socket's network namespace (0: unknown)
 };
 
 struct tcp_flow_t {
@@ -97,6 +100,7 @@ struct tcp_flow_t {
 
 struct sk_info_t {
     u64 cookie;
+    u64 netns;  // cookie of its network namespace
     u64 rx;  // bytes the application read (TCP)
     u32 owned;  // TCP: its owner is known
     u32 pad;
@@ -168,7 +172,7 @@ static __always_inline void count_drop(int what)
         (*n)++;
 }
 
-static __always_inline void fill_owner(struct owner_t *o, u8 source)
+static __always_inline void fill_owner(struct owner_t *o, u8 source, u64 netns)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u64 uid_gid = bpf_get_current_uid_gid();
@@ -178,6 +182,7 @@ static __always_inline void fill_owner(struct owner_t *o, u8 source)
     o->gid = uid_gid >> 32;
     o->cgroup_id = bpf_get_current_cgroup_id();
     o->source = source;
+    o->netns = netns;
     bpf_get_current_comm(&o->comm, sizeof(o->comm));
 }
 
@@ -190,9 +195,9 @@ static __always_inline int put_owner(u64 cookie, struct owner_t *o)
     return 0;
 }
 
-static __always_inline void put_sk(u64 skaddr, u64 cookie)
+static __always_inline void put_sk(u64 skaddr, u64 cookie, u64 netns)
 {
-    struct sk_info_t info = {.cookie = cookie};
+    struct sk_info_t info = {.cookie = cookie, .netns = netns};
     if (sk_cookie.update(&skaddr, &info))
         count_drop(D_SK_MAP);
 }
@@ -229,10 +234,11 @@ int sock_create(struct bpf_sock *sk)
     if (sk->protocol != PROTO_TCP && sk->protocol != PROTO_UDP)
         return 1;
     u64 cookie = bpf_get_socket_cookie(sk);
+    u64 netns = bpf_get_netns_cookie(sk);
     struct owner_t o = {};
-    fill_owner(&o, SRC_CREATOR);
+    fill_owner(&o, SRC_CREATOR, netns);
     if (put_owner(cookie, &o) == 0)
-        put_sk((u64)sk, cookie);
+        put_sk((u64)sk, cookie, netns);
     return 1;
 }
 
@@ -376,7 +382,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
         // listen() runs in the listener's process: remember it per local port, to attribute
         // accepted sockets that are closed before any process reads or writes them.
         struct owner_t o = {};
-        fill_owner(&o, SRC_LISTENER);
+        fill_owner(&o, SRC_LISTENER, bpf_get_netns_cookie(ctx));
         u16 port = ctx->local_port;
         listeners.update(&port, &o);
         return 1;
@@ -392,7 +398,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
         f->rcvd0 = f->bytes_received;
         struct bpf_sock *sk = ctx->sk;
         if (sk)
-            put_sk((u64)sk, cookie);
+            put_sk((u64)sk, cookie, bpf_get_netns_cookie(ctx));
         return 1;  // START is sent at first I/O, when the owning process is known
     }
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
@@ -487,7 +493,7 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
     if (protocol == PROTO_UDP) {
         // a UDP socket created before the sensor started: its first user owns it
         if (!owners.lookup(&cookie)) {
-            fill_owner(&o, SRC_FIRST_IO);
+            fill_owner(&o, SRC_FIRST_IO, info->netns);
             put_owner(cookie, &o);
         }
         return;
@@ -503,7 +509,7 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
     if (f->flags & F_STARTED)
         return;
     f->flags |= F_STARTED;  // an accepted socket: this first I/O names its owner
-    fill_owner(&o, SRC_FIRST_IO);
+    fill_owner(&o, SRC_FIRST_IO, info->netns);
     if (put_owner(cookie, &o))
         return;
     emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
@@ -626,7 +632,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
         struct bpf_sock *sk = skb->sk;
         u64 skaddr = (u64)sk;
         if (sk && !sk_cookie.lookup(&skaddr))
-            put_sk(skaddr, cookie);
+            put_sk(skaddr, cookie, bpf_get_netns_cookie(skb));
     }
     struct udp_key_t k = {};
     k.cookie = cookie;

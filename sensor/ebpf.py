@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import schemas
 from sensor import privileges
 from sensor.cgroups import CgroupResolver, cgroup2_root, container_from_cgroup_path
+from sensor.netns import NetnsCookies
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Owner(NamedTuple):
     gid: int
     comm: bytes
     source: int
+    netns: int  # the cookie of the socket's network namespace (0: unknown)
 
 
 class Event(NamedTuple):
@@ -109,11 +111,12 @@ class Event(NamedTuple):
     owner_gid: int
     owner_comm: bytes
     owner_source: int
+    owner_netns: int
 
 
-EVENT = struct.Struct("<7Q3I16s16s3H6B" "Q4I16sB7x")  # one C call decodes a whole event
+EVENT = struct.Struct("<7Q3I16s16s3H6B" "Q4I16sB7xQ")  # one C call decodes a whole event
 COUNTERS = slice(3, 10)  # bytes and packets sent and received, srtt, rttvar, retransmits
-OWNER = slice(21, 28)
+OWNER = slice(21, 29)
 
 
 @dataclass
@@ -213,13 +216,6 @@ def end_reason(kind: int, flags: int, oldstate: int) -> str:
     return "RESET_SENT" if oldstate in ABORTIVE_FROM else "CLOSED"
 
 
-def _netns_inode(pid: int) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
 class EbpfSensor:
     """The loaded BPF programs and the user-space state of the flows they follow."""
 
@@ -228,6 +224,7 @@ class EbpfSensor:
         self.options = options
         self.publish = publish
         self.processes = options.processes or ProcessCache(cgroups=options.cgroups)
+        self.netns = NetnsCookies(enter=not privileges.missing(["CAP_SYS_ADMIN"]))
         self.boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         self._fields = schemas.defaults("EbpfEvent")
         self._template = {**self._fields, "host_name": options.host_name,
@@ -578,8 +575,8 @@ class EbpfSensor:
             ref = container_from_cgroup_path(record["cgroup_path"])
             record["container_id"] = ref.container_id if ref else None
         result = {"process": record, "process_source": SOURCES.get(owner.source),
-                  "netns_inode": _netns_inode(owner.pid), "cgroup_id": record.get("cgroup_id"),
-                  "container_id": record.get("container_id")}
+                  "netns_inode": self.netns.inode(owner.netns, owner.pid),
+                  "cgroup_id": record.get("cgroup_id"), "container_id": record.get("container_id")}
         self._owners[facts] = (now, result)
         self._owners.move_to_end(facts)
         if len(self._owners) > OWNER_CACHE:

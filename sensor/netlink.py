@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyroute2.netns
 from pyroute2 import IPRoute
 from pyroute2.netlink import (
     NETLINK_ROUTE,
@@ -32,12 +31,8 @@ from pyroute2.netlink import (
 from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
 
 from sensor import privileges
-from sensor.cgroups import (
-    CgroupResolver,
-    ContainerRef,
-    cgroup_of_pid,
-    container_from_cgroup_path,
-)
+from sensor.cgroups import CgroupResolver, ContainerRef
+from sensor.netns import Namespace, discover_namespaces, socket_in
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
@@ -106,88 +101,6 @@ class NetlinkOptions:
     unchanged_every: int = 12
     on_container: Callable[[str], object] | None = None
     proc: Path = Path("/proc")
-
-
-@dataclass
-class Namespace:
-    """A network namespace to dump, entered through ``path`` (one of its processes)."""
-
-    inode: int
-    path: str
-    host: bool
-    pids: list[int] = field(default_factory=list)
-    container_id: str | None = None
-
-    @property
-    def label(self) -> str:
-        """Short name qualifying interface names outside the host namespace."""
-        return self.container_id[:12] if self.container_id else f"netns-{self.inode}"
-
-
-def netlink_socket_in(netns_path: str, protocol: int) -> socket.socket:
-    """A netlink socket created inside the network namespace at ``netns_path``.
-
-    setns(CLONE_NEWNET) changes only the calling thread, so a short-lived thread enters the
-    namespace and creates the socket, which stays bound to that namespace.
-    """
-    result: dict[str, Any] = {}
-
-    def enter_and_create() -> None:
-        try:
-            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pyroute2.netns.setns(fd, flags=0)
-            finally:
-                os.close(fd)
-            result["socket"] = socket.socket(
-                socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, protocol)
-        except OSError as error:
-            result["error"] = error
-
-    thread = threading.Thread(target=enter_and_create, name="netns-enter")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["socket"]
-
-
-def discover_namespaces(proc: Path = Path("/proc"), other: bool = True) -> dict[int, Namespace]:
-    """Network namespaces by inode: the sensor's own (host) and, if ``other``, every namespace
-    a visible process is in, plus named ones under /run/netns."""
-    own = proc / "self" / "ns" / "net"
-    host_inode = os.stat(own).st_ino
-    namespaces = {host_inode: Namespace(host_inode, str(own), host=True)}
-    if not other:
-        return namespaces
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
-        path = f"{entry.path}/ns/net"
-        try:
-            inode = os.stat(path).st_ino
-        except OSError:
-            continue
-        namespace = namespaces.setdefault(inode, Namespace(inode, path, host=False))
-        namespace.pids.append(int(entry.name))
-    for run_dir in (Path("/run/netns"), Path("/var/run/netns")):
-        if run_dir.is_dir():
-            for named in run_dir.iterdir():
-                try:
-                    inode = named.stat().st_ino
-                except OSError:
-                    continue
-                namespaces.setdefault(inode, Namespace(inode, str(named), host=False))
-    for namespace in namespaces.values():
-        if namespace.host:
-            continue
-        for pid in sorted(namespace.pids):
-            path = cgroup_of_pid(pid, proc)
-            ref = container_from_cgroup_path(path) if path else None
-            if ref is not None:
-                namespace.container_id = ref.container_id
-                break
-    return namespaces
 
 
 def socket_owners(proc: Path = Path("/proc")) -> dict[int, int]:
@@ -426,7 +339,8 @@ class NetlinkSensor:
         if namespace.host:
             return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
                                  protocol).detach()
-        return netlink_socket_in(namespace.path, protocol).detach()
+        return socket_in(namespace.path, socket.AF_NETLINK, socket.SOCK_DGRAM,
+                         protocol).detach()
 
     def _messages(self, namespace: Namespace) -> Iterator[tuple[DiagMessage, str, str]]:
         """Every socket of ``namespace``: (message, transport, family name)."""

@@ -33,11 +33,13 @@ CAPABILITIES: tuple[Capability, ...] = (
                "/proc/<pid>/fd", "eBPF mode is unavailable unless uid 0 owns tracefs; sockets "
                "of other users' processes have no owner in Netlink snapshots", ebpf=False),
     Capability("CAP_SYS_PTRACE", 19, "read /proc/<pid>/exe, fd links and ns/net of other "
-               "users' processes", "executables of other users' processes, their socket owners "
-               "(Netlink) and network namespaces stay unknown", ebpf=False),
+               "users' processes", "executables of other users' processes and their socket "
+               "owners (Netlink) stay unknown", ebpf=False),
     Capability("CAP_SYS_ADMIN", 21, "setns() into containers' network namespaces for Netlink "
-               "snapshots (tcp_info and interface counters inside containers)",
-               "Netlink snapshots cover the sensor's own network namespace only", ebpf=False),
+               "snapshots (tcp_info and interface counters inside containers) and to name the "
+               "namespaces of eBPF events",
+               "Netlink snapshots cover the sensor's own network namespace only; eBPF events "
+               "in other namespaces name them only while their process can be read", ebpf=False),
 )
 BY_NAME = {cap.name: cap for cap in CAPABILITIES}
 # The kernel accepts CAP_SYS_ADMIN wherever these are checked (bpf_capable(), perfmon_capable(),

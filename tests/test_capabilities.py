@@ -133,7 +133,7 @@ def check_flow(settings: Settings, exe_readable: bool) -> str:
         assert r["process"]["pid"] == os.getpid() and r["process"]["uid"] == 0
         assert r["process"]["args"][:1] == sys.orig_argv[:1]  # /proc/<pid>/cmdline: no privilege
         assert r["process"]["exe"] == (exe if exe_readable else None)
-        assert (r["netns_inode"] is not None) == exe_readable  # /proc/<pid>/ns/net: ptrace too
+        assert r["netns_inode"] == os.stat("/proc/self/ns/net").st_ino  # the kernel's cookie
     client = by_role["CLIENT"]
     return (f"client port {client_port} sent {client['bytes_sent']} received "
             f"{client['bytes_received']}, pid {client['process']['pid']}, "

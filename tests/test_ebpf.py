@@ -128,8 +128,16 @@ class Collector:
     records: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     error: BaseException | None = None
+    gate: threading.Event = field(default_factory=threading.Event)  # cleared: publish waits
+    held: threading.Event = field(default_factory=threading.Event)  # a publish is waiting
+
+    def __post_init__(self) -> None:
+        self.gate.set()
 
     def publish(self, topic: str, key: str, record: dict[str, Any]) -> None:
+        if not self.gate.is_set():
+            self.held.set()
+            self.gate.wait(timeout=60)
         assert topic == "raw.ebpf"
         assert key == f"{record['host_name']}:{'drops' if record['type'] == 'DROPS' else record['cookie']}"
         with self.lock:
@@ -499,6 +507,30 @@ def test_cgroup_and_network_namespace(sensor: Collector, sandbox: Sandbox) -> No
     assert c_end["netns_inode"] == os.stat(f"/run/netns/{sandbox.name}").st_ino
     s_end = flow(sensor.wait(by_ports(port, lport), count=2), "END")
     assert s_end["cgroup_id"] != cgroup_id and s_end["process"]["pid"] == server.pid
+
+
+def test_namespace_known_after_the_processes_exited(sensor: Collector, sandbox: Sandbox) -> None:
+    """The sensor reads the events of a connection only once both processes have exited (its
+    publishing is held meanwhile): the namespaces still come from the kernel's netns cookies."""
+    sensor.gate.clear()
+    sensor.held.clear()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:  # an event to hold on
+            a.sendto(b"x", ("127.0.0.1", 9))
+        assert sensor.held.wait(timeout=15)
+        server, client, port, lport = tcp_exchange(
+            sensor, socket.AF_INET, sandbox.host_ip, 4_321, 123, client_prefix=sandbox.prefix())
+        assert not Path(f"/proc/{client.pid}").exists() and not Path(f"/proc/{server.pid}").exists()
+    finally:
+        sensor.gate.set()
+    c_recs, s_recs = sensor.wait(by_ports(lport, port), count=2), sensor.wait(by_ports(port, lport), count=2)
+    for recs, proc, inode in ((c_recs, client, os.stat(f"/run/netns/{sandbox.name}").st_ino),
+                              (s_recs, server, os.stat("/proc/self/ns/net").st_ino)):
+        assert [r["type"] for r in recs] == ["START", "END"]
+        for rec in recs:
+            assert rec["netns_inode"] == inode, rec
+            assert rec["process"]["pid"] == proc.pid and rec["process"]["comm"] == proc.comm
+    assert (flow(c_recs, "END")["bytes_sent"], flow(c_recs, "END")["bytes_received"]) == (4_321, 123)
 
 
 @pytest.mark.parametrize(("how", "reason", "error"), [("timeout", "TIMEOUT", "ETIMEDOUT"),
