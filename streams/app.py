@@ -551,8 +551,7 @@ class Worker:
         if not container:
             return
         cfg = self.options.windows
-        for act in activity(state, sock, container, self.meta.pod_of(container), cfg.step_ms,
-                            cfg.steps):
+        for act in activity(state, sock, container, self.meta.pod_of(container), cfg.step_ms):
             partition = _partition(act.entity.encode(), self.options.partitions)
             batch.activity.setdefault(partition, []).append(act.__dict__)
 

@@ -150,21 +150,6 @@ class Observation:
 
 
 @dataclass
-class Reported:
-    """What of one socket was already passed on to the windows (kept in the flow state, so
-    that a duplicate or a replay after a restart is not counted twice)."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
-    retransmits: int = 0
-    rtt_ns: int = 0
-    step_ms: int | None = None  # window step of the latest activity
-    failed: bool = False
-
-
-@dataclass
 class SocketState:
     """What is known of one local socket, merged from all its observations."""
 
@@ -191,7 +176,7 @@ class SocketState:
     closed_ns: int | None = None
     failed: bool = False
     error: str | None = None
-    reported: Reported = field(default_factory=Reported)
+    sent: list[int] = field(default_factory=list)  # ``activity_signature`` of the latest activity
 
     def reopened_by(self, obs: Observation) -> bool:
         """Whether ``obs`` starts a new flow on this closed socket (a UDP socket talking to the
@@ -228,11 +213,14 @@ class SocketState:
         return self.__dict__ != before
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "reported": dict(self.reported.__dict__)}
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SocketState:
-        return cls(**{**data, "reported": Reported(**data["reported"])})
+        return cls(**{k: v for k, v in data.items() if k in _SOCKET_FIELDS})
+
+
+_SOCKET_FIELDS = frozenset(f.name for f in fields(SocketState))
 
 
 def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
@@ -245,25 +233,26 @@ def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 
 @dataclass
 class Activity:
-    """What one socket of a container did since its previous activity, for the windows of its
-    container (and pod): counter deltas, at most one RTT sample, and whether the socket is new
-    to its window step (``gap``: steps since its previous active step, ``None`` when it was
-    already counted in this step)."""
+    """Where one socket of a container stands, for the windows of its container (and pod):
+    its counters so far, its latest RTT sample, whether it failed or closed. The windows
+    stage counts the difference to what it already counted of ``socket``, which it keeps with
+    the windows themselves: an activity repeated after a crash of either stage adds nothing."""
 
     entity: str  # container id, or "<namespace>/<pod>" for a pod
     entity_type: str  # CONTAINER | POD
     container_id: str
     host: str
+    socket: str  # "<flow id>|<cookie>": one socket in one flow
     role: str
-    ts_ns: int
-    gap: int | None
-    started: bool
+    ts_ns: int  # the socket's latest event
     failed: bool
+    closed: bool
     bytes_in: int = 0
     bytes_out: int = 0
     packets_in: int = 0
     packets_out: int = 0
     retransmits: int = 0
+    rtt_ns: int = 0  # event time of the RTT sample
     rtt_us: int | None = None
     rttvar_us: int | None = None
 
@@ -480,36 +469,21 @@ def expired(state: FlowState, now_ms: int, cfg: FlowConfig) -> bool:
 
 
 def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | None,
-             step_ms: int, max_gap: int) -> list[Activity]:
-    """The window inputs of one changed socket since its previous activity (for its container,
-    and its pod if any); updates what the socket has reported. Empty when nothing new."""
-    rep = sock.reported
+             step_ms: int) -> list[Activity]:
+    """The window inputs of one changed socket (for its container, and its pod if any); empty
+    when nothing the windows count changed since the socket's previous activity."""
     step = sock.last_ns // 1_000_000 // step_ms * step_ms
-    gap = None
-    if rep.step_ms is None:
-        gap = max_gap
-    elif step > rep.step_ms:
-        gap = min((step - rep.step_ms) // step_ms, max_gap)
-    deltas = {"bytes_in": sock.bytes_received - rep.bytes_in,
-              "bytes_out": sock.bytes_sent - rep.bytes_out,
-              "packets_in": sock.packets_received - rep.packets_in,
-              "packets_out": sock.packets_sent - rep.packets_out,
-              "retransmits": sock.retransmits - rep.retransmits}
-    deltas = {k: max(v, 0) for k, v in deltas.items()}
-    sample = sock.srtt_us is not None and sock.rtt_ns > rep.rtt_ns
-    failed = sock.failed and not rep.failed and state.role_of(sock) == CLIENT
-    if gap is None and not any(deltas.values()) and not sample and not failed:
+    signature = [sock.bytes_received, sock.bytes_sent, sock.packets_received, sock.packets_sent,
+                 sock.retransmits, sock.rtt_ns, step, sock.failed, sock.closed]
+    if signature == sock.sent:
         return []
-    base = dict(container_id=container_id, host=state.host, role=state.role_of(sock),
-                ts_ns=sock.last_ns, gap=gap, started=rep.step_ms is None, failed=failed,
-                rtt_us=sock.srtt_us if sample else None,
-                rttvar_us=sock.rttvar_us if sample else None, **deltas)
-    rep.bytes_in, rep.bytes_out = sock.bytes_received, sock.bytes_sent
-    rep.packets_in, rep.packets_out = sock.packets_received, sock.packets_sent
-    rep.retransmits = sock.retransmits
-    rep.rtt_ns = max(rep.rtt_ns, sock.rtt_ns)
-    rep.step_ms = max(rep.step_ms or 0, step)
-    rep.failed = rep.failed or failed
+    sock.sent = signature
+    base = dict(container_id=container_id, host=state.host, socket=f"{state.flow_id}|{sock.cookie}",
+                role=state.role_of(sock), ts_ns=sock.last_ns, failed=sock.failed,
+                closed=sock.closed, bytes_in=sock.bytes_received, bytes_out=sock.bytes_sent,
+                packets_in=sock.packets_received, packets_out=sock.packets_sent,
+                retransmits=sock.retransmits, rtt_ns=sock.rtt_ns, rtt_us=sock.srtt_us,
+                rttvar_us=sock.rttvar_us)
     out = [Activity(entity=container_id, entity_type="CONTAINER", **base)]  # type: ignore[arg-type]
     if pod:
         out.append(Activity(entity=pod, entity_type="POD", **base))  # type: ignore[arg-type]

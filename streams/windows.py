@@ -1,7 +1,9 @@
-"""Per-container and per-pod windows, pure logic: socket activity (deltas, from the flow stage)
-is added to per-step buckets; tumbling (one step) and hopping (several steps) windows are merges
-of buckets, emitted as ``packetless.ContainerMetrics`` once closed. Bucket size does not grow
-with the number of flows; RTT quantiles come from DDSketch (mergeable, 1% relative accuracy).
+"""Per-container and per-pod windows, pure logic: socket activity (cumulative, from the flow
+stage) is turned into deltas against what each socket already counted, kept in the same state,
+so a replayed activity counts nothing twice, and added to per-step buckets; tumbling (one step)
+and hopping (several steps) windows are merges of buckets, emitted as
+``packetless.ContainerMetrics`` once closed. RTT quantiles come from DDSketch (mergeable, 1%
+relative accuracy).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ddsketch.mapping import LogarithmicMapping
 from streams.flows import CLIENT, Activity
 
 ACCURACY = 0.01
+_COUNTERS = ("bytes_in", "bytes_out", "packets_in", "packets_out", "retransmits")
 MAPPING = LogarithmicMapping(ACCURACY)  # DDSketch's own: bins are DDSketch bins
 
 
@@ -98,12 +101,30 @@ class Bucket:
 
 
 @dataclass
+class Counted:
+    """What the windows already counted of one socket (the latest of each of its counters)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    retransmits: int = 0
+    rtt_ns: int = 0  # event time of the latest RTT sample counted
+    step_ms: int = 0  # its latest active step
+    failed: bool = False
+    closed: bool = False
+
+
+@dataclass
 class WindowConfig:
     """Window sizes (seconds): tumbling windows of one step, hopping windows of hop_s."""
 
     step_s: float = 10.0
     hop_s: float = 60.0
     grace_s: float = 5.0  # how long after its end a window waits for late activity
+    # an open socket without activity for this long is forgotten (longer than the flow stage
+    # keeps an idle flow: idle timeout plus linger)
+    forget_s: float = 900.0
 
     @property
     def step_ms(self) -> int:
@@ -141,6 +162,7 @@ class EntityState:
     pod_name: str | None = None
     image: str | None = None
     buckets: dict[str, Bucket] = field(default_factory=dict)
+    sockets: dict[str, Counted] = field(default_factory=dict)  # by Activity.socket
     emitted_upto_ms: int = 0  # windows ending at or before this were emitted
     late: int = 0  # activities that arrived after their window was emitted
 
@@ -151,6 +173,7 @@ class EntityState:
     def from_dict(cls, data: dict[str, Any]) -> EntityState:
         data = dict(data)
         data["buckets"] = {k: Bucket.from_dict(v) for k, v in data["buckets"].items()}
+        data["sockets"] = {k: Counted(**v) for k, v in data.get("sockets", {}).items()}
         return cls(**data)
 
     def describe(self, name: str | None, namespace: str | None, pod_name: str | None,
@@ -162,8 +185,9 @@ class EntityState:
         self.image = image or self.image
 
     def apply(self, act: Activity, cfg: WindowConfig) -> bool:
-        """Add ``act`` to its step; False (and nothing added) when that step's windows were
-        already emitted."""
+        """Add to its step what ``act`` says its socket did since what was counted of it (a
+        repeated activity adds nothing); False (and nothing added) when that step's windows
+        were already emitted."""
         self.host = act.host
         step = cfg.step_ms
         start = act.ts_ns // 1_000_000 // step * step
@@ -172,22 +196,41 @@ class EntityState:
         if start + step <= self.emitted_upto_ms:
             self.late += 1
             return False
+        counted = self.sockets.get(act.socket)
+        started = counted is None
+        if counted is None:
+            counted = self.sockets[act.socket] = Counted()
+            gap: int | None = cfg.steps  # new: counted in every window that holds this step
+        else:
+            gap = min((start - counted.step_ms) // step, cfg.steps) if start > counted.step_ms \
+                else None
+        deltas = [max(getattr(act, name) - getattr(counted, name), 0) for name in _COUNTERS]
+        sample = act.rtt_us is not None and act.rtt_ns > counted.rtt_ns
+        failed = act.failed and not counted.failed and act.role == CLIENT
+        for name in _COUNTERS:
+            setattr(counted, name, max(getattr(counted, name), getattr(act, name)))
+        counted.rtt_ns = max(counted.rtt_ns, act.rtt_ns)
+        counted.step_ms = max(counted.step_ms, start)
+        counted.failed = counted.failed or act.failed
+        counted.closed = counted.closed or act.closed
+        if gap is None and not any(deltas) and not sample and not failed:
+            return True
         b = self.buckets.get(str(start))
         if b is None:
             b = self.buckets[str(start)] = Bucket(client=[0] * (cfg.steps + 1),
                                                   server=[0] * (cfg.steps + 1))
-        if act.gap is not None:
-            (b.client if act.role == CLIENT else b.server)[min(act.gap, cfg.steps)] += 1
-        b.started += act.started
-        b.failed += act.failed
+        if gap is not None:
+            (b.client if act.role == CLIENT else b.server)[gap] += 1
+        b.started += started
+        b.failed += failed
         if act.container_id not in b.containers:
             b.containers.append(act.container_id)
-        b.bytes_in += act.bytes_in
-        b.bytes_out += act.bytes_out
-        b.packets_in += act.packets_in
-        b.packets_out += act.packets_out
-        b.retransmits += act.retransmits
-        if act.rtt_us is not None:
+        b.bytes_in += deltas[0]
+        b.bytes_out += deltas[1]
+        b.packets_in += deltas[2]
+        b.packets_out += deltas[3]
+        b.retransmits += deltas[4]
+        if sample:
             (b.rtt_client if act.role == CLIENT else b.rtt_server).add(act.rtt_us, act.rttvar_us)
         return True
 
@@ -209,11 +252,15 @@ class EntityState:
                     out.append(self._record(end - hop, hop, step, covered, now_ms))
         self.emitted_upto_ms = max(self.emitted_upto_ms, limit)
         self.buckets = {s: b for s, b in self.buckets.items() if int(s) >= limit - hop}
+        # a closed socket's activity is late from now on; an open one may resume
+        forget = self.emitted_upto_ms - round(cfg.forget_s * 1000)
+        self.sockets = {k: c for k, c in self.sockets.items()
+                        if c.step_ms + step > (self.emitted_upto_ms if c.closed else forget)}
         return out
 
     def idle(self) -> bool:
-        """Nothing left to emit: the entity can be forgotten."""
-        return not self.buckets
+        """Nothing left to emit and no open socket: the entity can be forgotten."""
+        return not self.buckets and not self.sockets
 
     def _record(self, start: int, size: int, step: int, buckets: list[Bucket | None],
                 now_ms: int) -> dict[str, Any]:

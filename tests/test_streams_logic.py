@@ -221,12 +221,15 @@ def test_community_id_equals_the_reference_package(transport: str, ips: tuple[An
 
 
 def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowConfig,
-         replay: int = 1) -> EntityState:
+         replay: int = 1, forget_flows: bool = False) -> EntityState:
     """Socket observations (cookie, role, t_ms, bytes_in, bytes_out, srtt) of container A,
-    through the flow stage's ``activity`` (repeated ``replay`` times) into the windows."""
+    through the flow stage's ``activity`` (repeated ``replay`` times, the flow stage's state
+    lost before each repetition if ``forget_flows``: a crash) into the windows."""
     entity = EntityState(entity=CID_A, entity_type="CONTAINER")
     flows: dict[int, FlowState] = {}
     for _ in range(replay):
+        if forget_flows:
+            flows = {}
         for cookie, role, t_ms, b_in, b_out, rtt in events:
             o = obs(cookie, role, "UPDATE", t_ms, b_out, b_in, srtt_us=rtt, rttvar_us=5,
                     local_port=40000 + cookie if role == "client" else 8080,
@@ -234,7 +237,7 @@ def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowCo
             state, _, sock = observe(flows.get(cookie), o, 0)
             flows[cookie] = state
             if sock is not None:
-                for a in activity(state, sock, CID_A, None, cfg.step_ms, cfg.steps):
+                for a in activity(state, sock, CID_A, None, cfg.step_ms):
                     entity.apply(a, cfg)
     return EntityState.from_dict(entity.to_dict())  # through JSON-able state
 
@@ -246,6 +249,9 @@ def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
     events = [(1, "client", off + 1000, 100, 50, 100), (1, "client", off + 3000, 300, 70, 200),
               (2, "server", off + 4000, 10, 1000, 1000), (1, "client", off + 12_000, 400, 70, 300)]
     e = feed(events, cfg, replay=2)  # the second pass is all duplicates
+    again = feed(events, cfg, replay=3, forget_flows=True)  # each pass replayed after a crash
+    assert again.close(base + 10_000 + 5000, cfg) == e.close(base + 10_000 + 5000, cfg)
+    e = feed(events, cfg)
     recs = e.close(base + 10_000 + 5000, cfg)
     tumbling = [r for r in recs if r["window_size_ms"] == 10_000]
     hopping = [r for r in recs if r["window_size_ms"] == 60_000]
@@ -264,8 +270,7 @@ def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
     assert (hop["flows_as_client"], hop["flows_as_server"]) == (1, 1)  # socket 1 counted once
     late = feed([(3, "client", off + 1500, 500, 70, 50)], cfg)
     late.emitted_upto_ms = base + 20_000
-    assert not late.apply(activity(*_one_socket(3, off + 1500), CID_A, None, cfg.step_ms,
-                                   cfg.steps)[0], cfg)
+    assert not late.apply(activity(*_one_socket(3, off + 1500), CID_A, None, cfg.step_ms)[0], cfg)
 
 
 def _one_socket(cookie: int, t_ms: int) -> tuple[FlowState, object]:
@@ -309,16 +314,19 @@ def test_activity_for_container_and_pod() -> None:
     state, _ = run(loopback_flow(), [])
     sock = state.sockets["1"]
     cfg = WindowConfig()
-    acts = activity(state, sock, CID_A, "ns/p1", cfg.step_ms, cfg.steps)
+    acts = activity(state, sock, CID_A, "ns/p1", cfg.step_ms)
     assert [(a.entity_type, a.entity, a.role, a.bytes_out) for a in acts] == [
         ("CONTAINER", CID_A, "client", 600), ("POD", "ns/p1", "client", 600)]
-    assert activity(state, sock, CID_A, "ns/p1", cfg.step_ms, cfg.steps) == []  # reported
+    assert activity(state, sock, CID_A, "ns/p1", cfg.step_ms) == []  # reported
     cm = fastavro.parse_schema(schemas.load("ContainerMetrics"))
     e = EntityState(entity="ns/p1", entity_type="POD")
     for a in acts:
         e.apply(a, cfg)
+    assert sock.closed and list(e.sockets) == [f"{state.flow_id}|1"]
     for rec in e.close(T0 // 1_000_000 + 100_000, cfg):
         fastavro.validate(rec, cm, strict=True)
+    assert e.idle()  # its windows emitted, the closed socket forgotten
+    assert not e.apply(acts[1], cfg)  # and its replay is late: not counted again
 
 
 def test_late_metadata_reemits_and_next_due() -> None:
