@@ -8,6 +8,7 @@ schema mismatch) into a ``DecodeError`` so that callers can dead-letter the reco
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
@@ -20,6 +21,8 @@ from packetless.topics import TOPICS, topic_name
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
+# field name, the union branch to name (None: a record field that is not a union), its own plan
+Plan = list[tuple[str, "str | None", "Plan"]]
 
 
 class DecodeError(Exception):
@@ -29,6 +32,52 @@ class DecodeError(Exception):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+
+
+def _record_of(kind: Any, named: dict[str, dict[str, Any]], namespace: str) -> dict[str, Any] | None:
+    """The record schema ``kind`` is or names (recording definitions in ``named``), else None."""
+    if isinstance(kind, dict) and kind.get("type") == "record":
+        name = kind["name"]
+        full = name if "." in name else f"{kind.get('namespace', namespace)}.{name}"
+        named[full] = {**kind, "fullname": full}
+        return named[full]
+    return named.get(kind) if isinstance(kind, str) else None
+
+
+def _plan(record: dict[str, Any], named: dict[str, dict[str, Any]]) -> Plan:
+    namespace = record["fullname"].rpartition(".")[0]
+    plan: Plan = []
+    for f in record["fields"]:
+        branches = f["type"] if isinstance(f["type"], list) else [f["type"]]
+        records = [r for r in (_record_of(b, named, namespace) for b in branches) if r is not None]
+        if len(records) != 1:
+            continue
+        inner = _plan(records[0], named)
+        union = isinstance(f["type"], list)
+        if union or inner:
+            plan.append((f["name"], records[0]["fullname"] if union else None, inner))
+    return plan
+
+
+def _named(plan: Plan, value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for name, branch, inner in plan:
+        item = value.get(name)
+        if item is not None:
+            item = _named(inner, item) if inner else item
+            out[name] = (branch, item) if branch else item
+    return out
+
+
+def union_branches(schema: dict[str, Any]) -> Callable[[Any, Any], Any]:
+    """``to_dict`` for AvroSerializer: names the branch of each union holding a record (fastavro's
+    ``(name, value)`` notation); otherwise fastavro finds it by validating the value against
+    the branches, which takes longer than writing the whole record."""
+    named: dict[str, dict[str, Any]] = {}
+    plan = _plan(_record_of(schema, named, "") or {}, named)
+    return lambda value, _ctx: _named(plan, value)
 
 
 def registry_client(settings: Settings) -> SchemaRegistryClient:
@@ -47,9 +96,9 @@ class Codec:
 
     def serializer(self, suffix: str) -> AvroSerializer:
         if suffix not in self._serializers:
+            name = self._schema_name(suffix)
             self._serializers[suffix] = AvroSerializer(
-                self.client,
-                schemas.text(self._schema_name(suffix)),
+                self.client, schemas.text(name), to_dict=union_branches(schemas.load(name)),
                 conf={"auto.register.schemas": True, "normalize.schemas": False},
             )
         return self._serializers[suffix]
