@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import operator
 import os
 import socket
 import struct
@@ -80,6 +79,30 @@ _TCP_LAYOUT = [(_TCP_MEMBERS.get(member), fmt) for member, fmt in inet_diag_msg.
 _TCP_INFO = struct.Struct("=" + "".join(
     fmt if name else f"{struct.calcsize('=' + fmt)}x" for name, fmt in _TCP_LAYOUT))
 _TCP_NAMES = tuple(name for name, _ in _TCP_LAYOUT if name)
+_DIAG_HEAD = struct.Struct("=xB42xQ4xIIII")  # state, cookie, rqueue, wqueue, uid, inode
+
+
+def _member_offsets() -> dict[str, int]:
+    offsets, at = {}, 0
+    for name, fmt in _TCP_LAYOUT:
+        if name:
+            offsets[name] = at
+        at += struct.calcsize("=" + fmt)
+    return offsets
+
+
+def _counters_struct(names: tuple[str, ...]) -> struct.Struct:
+    """A struct reading only the u32 tcp_info members ``names``, in the order of their offsets."""
+    offsets = _member_offsets()
+    layout, at = "=", 0
+    for offset in sorted(offsets[name] for name in names):
+        layout += f"{offset - at}xI"
+        at = offset + 4
+    return struct.Struct(layout)
+
+
+# the counters a snapshot compares, read without the rest of tcp_info
+_COUNTERS = _counters_struct(("segs_in", "segs_out", "retransmits"))
 
 
 @dataclass
@@ -125,20 +148,32 @@ def socket_owners(proc: Path = Path("/proc")) -> dict[int, int]:
 
 @dataclass(slots=True)
 class DiagMessage:
-    """One inet_diag_msg with the attributes the sensor asks for."""
+    """One inet_diag_msg: what every snapshot compares (header fields and three tcp_info
+    counters), and where its message lies in ``data``, for ``details`` to read the rest of it
+    (only for the sockets published: most are unchanged)."""
 
     family: int
     state: int
-    sport: int
-    dport: int
-    src: str
-    dst: str
-    ifindex: int
     cookie: int
     rqueue: int
     wqueue: int
     uid: int
     inode: int
+    counters: tuple[int, ...]  # tcpi_segs_in, _segs_out, _total_retrans (some order); () if none
+    data: bytes
+    body: int
+    end: int
+
+
+@dataclass(slots=True)
+class DiagDetails:
+    """The rest of an inet_diag_msg: addresses, interface and the attributes."""
+
+    sport: int
+    dport: int
+    src: str
+    dst: str
+    ifindex: int
     tcp_info: tuple[int, ...] | None = None  # the _TCP_NAMES members, in that order
     congestion: str | None = None
     cgroup_id: int | None = None
@@ -150,7 +185,8 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
     request = _INET_DIAG_REQ_V2.pack(family, protocol, EXTENSIONS, SS_ALL)
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY,
                              NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
-    address_size = 4 if family == socket.AF_INET else 16
+    # where the previous message had its tcp_info attribute, and its length: they tend to agree
+    info_at, info_len = 0, 0
     while True:
         data = sock.recv(1 << 20)
         offset = 0
@@ -175,17 +211,45 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
                 if end > len(data) or end - body < _INET_DIAG_MSG.size:
                     log.warning("skipped a truncated sock_diag message (%d bytes)", end - body)
                     continue
-                yield _diag_message(data, body, end, family, address_size)
+                state, cookie, rqueue, wqueue, uid, inode = _DIAG_HEAD.unpack_from(data, body)
+                counters: tuple[int, ...] = ()
+                at = body + _INET_DIAG_MSG.size + info_at
+                if not info_len or at + info_len > end \
+                        or _RTATTR.unpack_from(data, at) != (info_len, INET_DIAG_INFO):
+                    at = _find_attr(data, body + _INET_DIAG_MSG.size, end, INET_DIAG_INFO)
+                    if at:
+                        info_at = at - body - _INET_DIAG_MSG.size
+                        info_len = _RTATTR.unpack_from(data, at)[0]
+                if at:
+                    payload = info_len - _RTATTR.size
+                    counters = _COUNTERS.unpack_from(data, at + _RTATTR.size) \
+                        if payload >= _COUNTERS.size else _COUNTERS.unpack(
+                            data[at + _RTATTR.size:at + info_len].ljust(_COUNTERS.size, b"\0"))
+                yield DiagMessage(family, state, cookie, rqueue, wqueue, uid, inode, counters,
+                                  data, body, end)
 
 
-def _diag_message(data: bytes, body: int, end: int, family: int,
-                  address_size: int) -> DiagMessage:
-    (_family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie, _expires,
-     rqueue, wqueue, uid, inode) = _INET_DIAG_MSG.unpack_from(data, body)
-    msg = DiagMessage(family, state, socket.ntohs(sport), socket.ntohs(dport),
-                      socket.inet_ntop(family, src[:address_size]),
-                      socket.inet_ntop(family, dst[:address_size]),
-                      ifindex, cookie, rqueue, wqueue, uid, inode)
+def _find_attr(data: bytes, offset: int, end: int, wanted: int) -> int:
+    """The offset of the first attribute of type ``wanted`` in ``data[offset:end]``, else 0."""
+    while offset + _RTATTR.size <= end:
+        attr_len, attr_type = _RTATTR.unpack_from(data, offset)
+        if attr_len < _RTATTR.size or offset + attr_len > end:
+            return 0
+        if attr_type == wanted:
+            return offset
+        offset += (attr_len + 3) & ~3
+    return 0
+
+
+def details(msg: DiagMessage) -> DiagDetails:
+    """Addresses, ports, interface and attributes of ``msg``."""
+    data, body, end = msg.data, msg.body, msg.end
+    (_family, _state, _timer, _retrans, sport, dport, src, dst, ifindex, _cookie, _expires,
+     _rqueue, _wqueue, _uid, _inode) = _INET_DIAG_MSG.unpack_from(data, body)
+    size = 4 if msg.family == socket.AF_INET else 16
+    out = DiagDetails(socket.ntohs(sport), socket.ntohs(dport),
+                      socket.inet_ntop(msg.family, src[:size]),
+                      socket.inet_ntop(msg.family, dst[:size]), ifindex)
     offset = body + _INET_DIAG_MSG.size
     while offset + _RTATTR.size <= end:
         attr_len, attr_type = _RTATTR.unpack_from(data, offset)
@@ -194,17 +258,17 @@ def _diag_message(data: bytes, body: int, end: int, family: int,
         start, size = offset + _RTATTR.size, attr_len - _RTATTR.size
         if attr_type == INET_DIAG_INFO:
             if size >= _TCP_INFO.size:
-                msg.tcp_info = _TCP_INFO.unpack_from(data, start)
+                out.tcp_info = _TCP_INFO.unpack_from(data, start)
             else:  # an older kernel's shorter tcp_info
-                msg.tcp_info = _TCP_INFO.unpack(data[start:start + size].ljust(_TCP_INFO.size,
+                out.tcp_info = _TCP_INFO.unpack(data[start:start + size].ljust(_TCP_INFO.size,
                                                                                b"\0"))
         elif attr_type == INET_DIAG_CONG:
             name = data[start:start + size].split(b"\0", 1)[0]
-            msg.congestion = name.decode("ascii", "replace")
+            out.congestion = name.decode("ascii", "replace")
         elif attr_type == INET_DIAG_CGROUP_ID and size >= _U64.size:
-            msg.cgroup_id = _U64.unpack_from(data, start)[0]
+            out.cgroup_id = _U64.unpack_from(data, start)[0]
         offset += (attr_len + 3) & ~3
-    return msg
+    return out
 
 
 def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]:
@@ -226,14 +290,9 @@ class _Snapshot:
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
 
-_TCP_COUNTERS = operator.itemgetter(*(_TCP_NAMES.index(name)
-                                      for name in ("segs_in", "segs_out", "retransmits")))
-
-
 def _activity(msg: DiagMessage, pid: int | None) -> tuple[Any, ...]:
     """What changes when a socket is used: state, queues, owner and TCP segment counters."""
-    counters = _TCP_COUNTERS(msg.tcp_info) if msg.tcp_info is not None else ()
-    return (msg.state, msg.rqueue, msg.wqueue, pid, counters)
+    return (msg.state, msg.rqueue, msg.wqueue, pid, msg.counters)
 
 
 class NetlinkSensor:
@@ -354,8 +413,9 @@ class NetlinkSensor:
     def _socket_record(self, msg: DiagMessage, transport: str, family: str,
                        namespace: Namespace, state: _Snapshot, pid: int | None
                        ) -> dict[str, Any]:
+        more = details(msg)
         process = self._process(pid, state) if pid is not None else None
-        ref = self._container(msg.cgroup_id, state) if msg.cgroup_id else None
+        ref = self._container(more.cgroup_id, state) if more.cgroup_id else None
         container_id = (ref.container_id if ref else None) \
             or (process or {}).get("container_id") or namespace.container_id
         if container_id is not None and container_id not in self._containers_seen:
@@ -373,21 +433,21 @@ class NetlinkSensor:
             "transport": transport,
             "family": family,
             "state": state_name,
-            "local_ip": msg.src,
-            "local_port": msg.sport,
-            "remote_ip": msg.dst,
-            "remote_port": msg.dport,
-            "bound_ifindex": msg.ifindex or None,
+            "local_ip": more.src,
+            "local_port": more.sport,
+            "remote_ip": more.dst,
+            "remote_port": more.dport,
+            "bound_ifindex": more.ifindex or None,
             "uid": msg.uid,
             "inode": msg.inode,
             "rqueue": msg.rqueue,
             "wqueue": msg.wqueue,
-            "cgroup_id": msg.cgroup_id,
+            "cgroup_id": more.cgroup_id,
             "pid": pid,
             "process": process,
             "container_id": container_id,
-            "tcp": _tcp_record(msg.tcp_info, msg.congestion)
-            if msg.tcp_info is not None and transport == "tcp" else None,
+            "tcp": _tcp_record(more.tcp_info, more.congestion)
+            if more.tcp_info is not None and transport == "tcp" else None,
         }
 
     def _container(self, cgroup_id: int, state: _Snapshot) -> ContainerRef | None:

@@ -176,6 +176,8 @@ class SocketState:
     closed_ns: int | None = None
     failed: bool = False
     error: str | None = None
+    ebpf: bool = False  # followed by the eBPF sensor
+    ebpf_closed: bool = False  # its eBPF END or FAILURE came: its counters are final
     sent: list[int] = field(default_factory=list)  # ``activity_signature`` of the latest activity
 
     def reopened_by(self, obs: Observation) -> bool:
@@ -210,6 +212,9 @@ class SocketState:
             self.closed_ns = max(self.closed_ns or 0, obs.ts_ns)
         if obs.failed:
             self.failed, self.error = True, obs.error or self.error
+        if obs.source == "ebpf":
+            self.ebpf = True
+            self.ebpf_closed = self.ebpf_closed or obs.closed or obs.failed
         return self.__dict__ != before
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,6 +348,13 @@ class FlowState:
     def both_ends(self) -> bool:
         return len(self.sockets) == 2
 
+    def final(self) -> bool:
+        """Whether the closed sockets' counters are final: on a host followed by eBPF (a socket
+        of the flow seen by it), only an eBPF END says so; Netlink's TIME_WAIT or vanished
+        socket comes without counters (or with older ones) and may be read before that END."""
+        return (not any(s.ebpf for s in self.sockets.values())
+                or all(s.ebpf_closed for s in self.sockets.values()))
+
     def last_ns(self) -> int:
         return max((s.last_ns for s in self.sockets.values()), default=0)
 
@@ -447,8 +459,8 @@ def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "",
     age_s = (now_ms - state.seen_ms) / 1000
     if state.all_closed():
         closed_for_s = (now_ms - state.changed_ms) / 1000
-        if (state.both_ends() or state.failed or not peer_may_come
-                or closed_for_s >= cfg.end_grace_s):
+        settled = state.final() and (state.both_ends() or not peer_may_come)
+        if settled or state.failed or closed_for_s >= cfg.end_grace_s:
             out += finish(state, now_ms, "failed" if state.failed and not state.started else "closed")
     elif (now_ms - state.changed_ms) / 1000 >= cfg.idle_timeout_s:
         out += finish(state, now_ms, "idle")

@@ -120,6 +120,12 @@ def from_netlink(rec: dict[str, Any], listeners: Listeners) -> Observation | Non
     if not sock["remote_port"]:
         return None
     tcp = sock.get("tcp") or {}
+    sent = tcp.get("bytes_acked")
+    if sent is not None and tcp.get("bytes_sent"):
+        # bytes_acked is sequence space: the SYN of an active opener and an acknowledged FIN
+        # count too; bytes_sent (retransmissions included; 0 before Linux 4.19) bounds the
+        # payload acknowledged
+        sent = min(sent, tcp["bytes_sent"])
     return Observation(
         host=rec["host_name"], cookie=sock["cookie"], ts_ns=rec["timestamp_ms"] * 1_000_000,
         source="netlink", kind=rec["kind"], transport=sock["transport"],
@@ -127,7 +133,7 @@ def from_netlink(rec: dict[str, Any], listeners: Listeners) -> Observation | Non
         remote_port=sock["remote_port"],
         role=listeners.role(rec["host_name"], rec.get("netns_inode"), sock["local_port"]),
         netns_inode=rec.get("netns_inode"),
-        bytes_sent=tcp.get("bytes_acked"), bytes_received=tcp.get("bytes_received"),
+        bytes_sent=sent, bytes_received=tcp.get("bytes_received"),
         packets_sent=tcp.get("segs_out"), packets_received=tcp.get("segs_in"),
         retransmits=tcp.get("retransmits"), srtt_us=tcp.get("rtt_us"),
         rttvar_us=tcp.get("rttvar_us"), state=sock["state"], process=sock.get("process"),

@@ -154,6 +154,7 @@ def test_sock_diag_parsing_survives_malformed_replies(datagrams: list[bytes]) ->
     try:
         for msg in _replay_diag(datagrams):
             assert msg.family == socket.AF_INET
+            assert netlink.details(msg).dport == 0x90
     except OSError as exc:
         assert not isinstance(exc, TimeoutError), "a reply must never hang the dump"
 

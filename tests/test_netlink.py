@@ -26,6 +26,7 @@ import fastavro
 import pytest
 
 import schemas
+from sensor import netlink
 from sensor.containers import ContainerOptions, ContainerWatcher
 from sensor.netlink import NetlinkOptions, NetlinkSensor
 from sensor.netlink import run as run_netlink
@@ -412,6 +413,41 @@ def test_unprivileged_sees_own_sockets(caplog: pytest.LogCaptureFixture) -> None
     received = [s["tcp"]["bytes_received"] for s in mine if s["state"] == "ESTABLISHED"]
     assert sorted(received) == [0, 1000]
     assert result["interfaces"] > 0
+
+
+def test_compared_counters_agree_with_tcp_info() -> None:
+    """The three counters a snapshot compares are read at a remembered offset, without the
+    rest of the message: they equal the full tcp_info of every socket, also when the
+    attributes before it differ (a socket with a mark has one more)."""
+    require_root()  # SO_MARK
+    names = ("segs_in", "segs_out", "retransmits")
+    order = sorted(names, key=netlink._member_offsets().__getitem__)
+    server = socket.create_server(("127.0.0.1", 0))
+    clients = []
+    for mark in (0, 7, 0, 9, 0):
+        client = socket.socket()
+        if mark:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        client.connect(server.getsockname())
+        client.sendall(b"x" * (100 + mark))
+        clients.append((client, server.accept()[0]))
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, netlink.NETLINK_SOCK_DIAG) as nl:
+            nl.bind((0, 0))
+            found = list(netlink.dump_sockets(nl, socket.AF_INET, socket.IPPROTO_TCP))
+        ours = [m for m in found if server.getsockname()[1] in (netlink.details(m).sport,
+                                                                netlink.details(m).dport)]
+        assert len(ours) == 11  # the listener, and both ends of 5 connections
+        assert all(netlink.details(m).tcp_info is not None for m in ours)
+        for msg in found:  # the host's too: TIME_WAIT sockets come without tcp_info
+            info = netlink.details(msg).tcp_info
+            full = dict(zip(netlink._TCP_NAMES, info or (), strict=False))
+            assert msg.counters == tuple(full[name] for name in order if info), msg
+    finally:
+        for pair in clients:
+            for sock in pair:
+                sock.close()
+        server.close()
 
 
 def test_process_gone_before_lookup() -> None:

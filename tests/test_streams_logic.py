@@ -27,6 +27,7 @@ from streams.flows import (
     observe,
 )
 from streams.meta import MetaCache
+from streams.raw import Listeners, from_netlink
 from streams.records import community_id, flow_record
 from streams.windows import EntityState, RttAgg, WindowConfig
 
@@ -162,6 +163,51 @@ def test_netlink_snapshot_joins_ebpf_socket_by_cookie() -> None:
     state, _, changed = observe(state, snap, 0)
     assert changed is not None and state.sockets["1"].bytes_received == 25000
     assert state.sockets["1"].role == "client" and state.sockets["1"].process["comm"] == "curl"
+
+
+def test_netlink_bytes_sent_are_payload() -> None:
+    """tcp_info's bytes_acked counts a client's SYN and an acknowledged FIN: the observation
+    takes the payload (bounded by bytes_sent), not one or two bytes more."""
+    def snapshot(state: str, acked: int, sent: int) -> dict[str, Any]:
+        sock = {"cookie": 1, "transport": "tcp", "state": state, "local_ip": "10.0.0.1",
+                "local_port": 40000, "remote_ip": "10.0.0.2", "remote_port": 80,
+                "tcp": {"bytes_acked": acked, "bytes_sent": sent, "bytes_received": 5}}
+        return {"kind": "SOCKET", "host_name": "h", "timestamp_ms": 1, "netns_inode": None,
+                "socket": sock}
+    got = [from_netlink(snapshot(s, a, b), Listeners()).bytes_sent
+           for s, a, b in (("ESTABLISHED", 101, 100), ("FIN_WAIT2", 102, 100),
+                           ("ESTABLISHED", 61, 100), ("ESTABLISHED", 28, 0))]
+    # 40 bytes in flight, the SYN still counted; a kernel without tcpi_bytes_sent (< 4.19)
+    assert got == [100, 100, 61, 28]
+
+
+@pytest.mark.parametrize("client_start", [True, False])
+def test_netlink_time_wait_does_not_end_a_flow_before_its_ebpf_end(client_start: bool) -> None:
+    """A snapshot of the client in TIME_WAIT (no tcp_info) read before the client's eBPF END
+    (raw topics and partitions are not ordered with each other): END waits for the eBPF END
+    (or the grace) instead of going out with the client's bytes at 0."""
+    time_wait = replace(obs(1, "client", "SOCKET", 1500), source="netlink", role=None,
+                        state="TIME_WAIT", bytes_sent=None, bytes_received=None,
+                        packets_sent=None, packets_received=None, srtt_us=None)
+    first = [obs(1, "client", "START", 0)] if client_start else []
+    flow = [*first, obs(2, "server", "START", 1), time_wait,
+            obs(2, "server", "END", 2001, 30000, 600, state="CLOSE")]
+    state = None
+    for o in flow:
+        state, _, _ = observe(state, o, 0)
+        assert "END" not in [e.type for e in due(state, 0, CFG, peer_may_come=False)]
+    state, _, _ = observe(state, obs(1, "client", "END", 2000, 600, 30000, state="CLOSE"), 100)
+    (end,) = [e for e in due(state, 100, CFG, peer_may_come=False) if e.type == "END"]
+    assert flow_record(state, end, MetaCache(), 100)["client_bytes"] == 600
+
+
+def test_netlink_only_flow_ends_when_both_ends_closed() -> None:
+    netlink = [replace(o, source="netlink", kind="SOCKET_CLOSED" if o.closed else "SOCKET")
+               for o in loopback_flow()]
+    state = None
+    for o in netlink:
+        state, _, _ = observe(state, o, 0)
+    assert [e.type for e in due(state, 0, CFG, peer_may_come=False)] == ["START", "END"]
 
 
 def test_ecs_document_fields_and_types() -> None:
