@@ -478,7 +478,7 @@ class EbpfSensor:
             o = self.bpf[b"owners"][ct.c_uint64(cookie)]
         except KeyError:
             return None
-        return self._owner((o.cgroup_id, o.pid, o.tid, o.uid, o.gid, o.comm, o.source))
+        return self._owner(tuple(getattr(o, name) for name in Owner._fields))
 
     def _adopt_tcp(self, cookie: int, f: Any) -> Live:
         live = self._live("tcp", cookie, self._ns(f.start_ns), f.role, f.family,

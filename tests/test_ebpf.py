@@ -321,6 +321,38 @@ def test_tcp_loopback_exact_bytes_and_processes(sensor: Collector, family: int, 
     assert len({r["event_id"] for r in client_recs + server_recs}) == 4
 
 
+def test_start_adopted_by_a_scan_names_its_owner() -> None:
+    """Under load a scan of the kernel's flow map can meet a flow whose START event still waits
+    in the backlog: the START it publishes takes the owner from the kernel's owner map, and the
+    START event, handled later, is not published again."""
+    require_root()
+    ok, why = ebpf.available()
+    require(ok, why)
+    collector = Collector()
+    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"), collector.publish)
+    sensor.load()
+    try:
+        server = Proc(TCP_SERVER, socket.AF_INET, "127.0.0.1", 1000, 10)
+        port = int(server.line[1])
+        client = Proc(TCP_CLIENT, socket.AF_INET, "127.0.0.1", port, 1000, 0.3, "normal")
+        sensor.scan()  # before any event is read: the client's flow is adopted from the map
+        adopted = collector.select(by_ports(int(client.line[1]), port))
+        client.finish()
+        server.finish()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(collector.select(
+                by_ports(int(client.line[1]), port))) < 2:
+            sensor.poll(100)
+    finally:
+        sensor.close()
+    assert [r["type"] for r in adopted] == ["START"]
+    records = collector.select(by_ports(int(client.line[1]), port))
+    assert [r["type"] for r in records] == ["START", "END"]
+    assert_process(records[0], client)
+    assert records[0]["netns_inode"] == os.stat("/proc/self/ns/net").st_ino
+    assert (records[1]["bytes_sent"], records[1]["bytes_received"]) == (1000, 10)
+
+
 def test_tcp_refused(sensor: Collector) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -188,7 +188,9 @@ def test_short_lived_container_storm(settings: Settings, docker_client: docker.D
                    and r["remote_ip"] == gateway and r["remote_port"] == server.port,
                    len(expected), timeout=60 + count / 2)
     server.close()
-    assert ebpf_sensor.poll() is None, "the sensor stopped"
+    if ebpf_sensor.poll() is not None:
+        output = ebpf_sensor.stdout.read().decode(errors="replace") if ebpf_sensor.stdout else ""
+        pytest.fail(f"the sensor stopped ({ebpf_sensor.returncode}):\n{output[-6000:]}")
     reports = records(settings, "raw.ebpf", lambda r: r["type"] == "DROPS"
                       and r["timestamp_ns"] >= started_ns, 1_000_000, timeout=5)
     drops = {k: v for k, v in reports[-1]["drops"].items() if v} if reports else {}
