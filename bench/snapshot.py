@@ -47,36 +47,40 @@ def run(run_dir: Path, quick: bool) -> Item:
     item = Item("6. Netlink snapshot: CPU of one snapshot of all sockets")
     run_dir.mkdir(parents=True, exist_ok=True)
     sockets = 20_000 if quick else TARGET_SOCKETS
+    every = netlink.NetlinkOptions().unchanged_every
     holders = _hold(run_dir, sockets // 2)
     rows: list[list[str]] = []
-    seen = 0
-    cpus: list[float] = []
     try:
         sensor = netlink.NetlinkSensor(netlink.NetlinkOptions(
             interfaces=False, other_namespaces=False, processes=ProcessCache()))
-        for label in ("first (all published)", "second (unchanged skipped)"):
-            owners, owners_cpu, _ = _timed(netlink.socket_owners)
-            events, cpu, wall = _timed(sensor.snapshot)
-            seen = seen or len(events)  # the first snapshot publishes every socket
-            tcp = sum(1 for _, e in events if e["socket"] and e["socket"]["transport"] == "tcp")
-            rows.append([label, f"{len(events):,}", f"{tcp:,}", fmt(cpu, 2), fmt(wall, 2),
-                         fmt(owners_cpu, 2), f"{len(owners):,}"])
-            if not cpus:
-                cpus.append(cpu)
+        owners, owners_cpu, _ = _timed(netlink.socket_owners)
+        events, first_cpu, first_wall = _timed(sensor.snapshot)
+        seen = len(events)  # the first snapshot publishes every socket
+        later = [_timed(sensor.snapshot) for _ in range(every)]
     finally:
         release_holders(holders)
-    total_cpu = cpus[0]
-    item.tables.append((["snapshot", "events (first: every socket)", "tcp events", "CPU s",
-                         "wall s",
-                         "of which /proc owner scan CPU s (measured apart)",
-                         "socket inodes with an owner"], rows))
-    per_100k = total_cpu * TARGET_SOCKETS / max(seen, 1)
-    item.targets.append((f"a snapshot of {TARGET_SOCKETS:,} sockets in under {TARGET_CPU_S} s of "
-                         f"one core (measured {seen:,} sockets: {total_cpu:.2f} s CPU, "
-                         f"{per_100k:.2f} s per 100,000)",
-                         per_100k < TARGET_CPU_S if not quick else None))
+    cpus = sorted(cpu for _, cpu, _ in later)
+    published = [len(events) for events, _, _ in later]
+    rows.append(["first (every socket published)", f"{seen:,}", fmt(first_cpu, 2),
+                 fmt(first_wall, 2)])
+    rows.append([f"the next {every} (idle sockets republished by turns: 1/{every} each)",
+                 f"{min(published):,}-{max(published):,}",
+                 f"median {fmt(cpus[len(cpus) // 2], 2)}, max {fmt(cpus[-1], 2)}",
+                 f"max {fmt(max(wall for _, _, wall in later), 2)}"])
+    item.tables.append((["snapshot", "events", "CPU s", "wall s"], rows))
+    scale = TARGET_SOCKETS / max(seen, 1)
+    item.targets.append((f"every snapshot after the first of {TARGET_SOCKETS:,} sockets in under "
+                         f"{TARGET_CPU_S} s of one core (measured {seen:,} sockets: max "
+                         f"{cpus[-1]:.2f} s CPU, {cpus[-1] * scale:.2f} s per 100,000)",
+                         cpus[-1] * scale < TARGET_CPU_S if not quick else None))
+    item.targets.append((f"the first snapshot (all {TARGET_SOCKETS:,} sockets published) in under "
+                         f"{TARGET_CPU_S} s of one core (measured {first_cpu:.2f} s CPU, "
+                         f"{first_cpu * scale:.2f} s per 100,000)",
+                         first_cpu * scale < TARGET_CPU_S if not quick else None))
     item.notes.append(f"{sockets // 2:,} loopback connections held by processes of "
                       f"{traffic.HOLD_CHUNK:,}; the snapshot runs in the bench process with "
-                      "process lookups (psutil) of the holders; host namespace only")
+                      "process lookups (psutil) of the holders; host namespace only; the /proc "
+                      f"owner scan in each snapshot took {owners_cpu:.2f} s CPU measured apart "
+                      f"({len(owners):,} socket inodes with an owner)")
     item.commands.append("python -m bench --items 6")
     return item

@@ -300,8 +300,9 @@ class NetlinkSensor:
 
     A socket is published when it first appears, whenever its state, queues or segment
     counters change, and otherwise every ``unchanged_every`` snapshots (1: always), so idle
-    sockets cost little; a socket gone since the previous snapshot is published as
-    SOCKET_CLOSED with its last values.
+    sockets cost little; idle sockets take turns by cookie, so that no snapshot republishes
+    them all at once. A socket gone since the previous snapshot is published as SOCKET_CLOSED
+    with its last values.
     """
 
     def __init__(self, options: NetlinkOptions) -> None:
@@ -311,7 +312,7 @@ class NetlinkSensor:
             ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
         self._previous: dict[int, tuple[int, dict[str, Any]]] = {}
-        self._published: dict[int, tuple[tuple[Any, ...], int]] = {}
+        self._published: dict[int, tuple[Any, ...]] = {}  # cookie -> signature published
         self._count = 0
         self._containers_seen: set[str] = set()
         self._warned: set[str] = set()
@@ -355,10 +356,10 @@ class NetlinkSensor:
                 signature = _activity(msg, pid)
                 last = self._published.get(msg.cookie)
                 previous = self._previous.get(msg.cookie)
-                if last is None or previous is None or last[0] != signature \
-                        or self._count - last[1] >= every:
+                if last is None or previous is None or last != signature \
+                        or (self._count + msg.cookie) % every == 0:
                     record = self._socket_record(msg, transport, family, namespace, state, pid)
-                    self._published[msg.cookie] = (signature, self._count)
+                    self._published[msg.cookie] = signature
                     events.append((f"{options.host_name}:{msg.cookie}",
                                    self._event("SOCKET", now_ms, namespace.inode, socket=record)))
                 else:

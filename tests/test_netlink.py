@@ -178,12 +178,42 @@ def test_container_sockets_and_interfaces(pair: dict[str, Any]) -> None:
 def test_idle_sockets_are_republished_every_n_snapshots(pair: dict[str, Any]) -> None:
     sensor = NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False, unchanged_every=4))
 
-    def listener(events: list[tuple[str, dict[str, Any]]]) -> bool:
-        return any(s["container_id"] == pair["server"].id and s["state"] == "LISTEN"
-                   for s in _sockets(events))
+    def listeners(events: list[tuple[str, dict[str, Any]]]) -> list[int]:
+        return [s["cookie"] for s in _sockets(events)
+                if s["container_id"] == pair["server"].id and s["state"] == "LISTEN"]
 
-    wait_for(lambda: listener(sensor.snapshot()))
-    assert [listener(sensor.snapshot()) for _ in range(8)] == [False, False, False, True] * 2
+    cookies = wait_for(lambda: listeners(sensor.snapshot()))
+    shown = [listeners(sensor.snapshot()) for _ in range(8)]
+    for cookie in cookies:  # each listening socket once every 4 snapshots
+        seen = [cookie in round_ for round_ in shown]
+        assert seen[:4].count(True) == 1 and seen[4:] == seen[:4], shown
+
+
+def test_idle_sockets_take_turns() -> None:
+    """Idle sockets are republished once every N snapshots each, a share of them per snapshot,
+    not all in the same one (which would cost as much as the first snapshot)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    pairs = []
+    for _ in range(100):
+        client = socket.create_connection(server.getsockname())
+        pairs.append((client, server.accept()[0]))
+    ours = {(s.getsockname()[1], s.getpeername()[1]) for pair in pairs for s in pair}
+    try:
+        sensor = NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False, udp=False,
+                                              other_namespaces=False, unchanged_every=4))
+        sensor.snapshot()
+        rounds = [[s["cookie"] for s in _sockets(sensor.snapshot())
+                   if (s["local_port"], s["remote_port"]) in ours and s["state"] == "ESTABLISHED"]
+                  for _ in range(8)]
+    finally:
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        server.close()
+    assert all(20 <= len(r) <= 80 for r in rounds), [len(r) for r in rounds]  # of 200
+    first, second = rounds[:4], rounds[4:]
+    assert sorted(c for r in first for c in r) == sorted(c for r in second for c in r)
+    assert len({c for r in first for c in r}) == 200 == sum(len(r) for r in first)
 
 
 def _container_processes(pid: int) -> list[Any]:
