@@ -247,7 +247,7 @@ class Activity:
     entity_type: str  # CONTAINER | POD
     container_id: str
     host: str
-    socket: str  # "<flow id>|<cookie>": one socket in one flow
+    socket: str  # TCP: the socket's cookie; UDP: "<flow id>|<cookie>" (one peer, one flow)
     role: str
     ts_ns: int  # the socket's latest event
     failed: bool
@@ -490,7 +490,10 @@ def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | 
     if signature == sock.sent:
         return []
     sock.sent = signature
-    base = dict(container_id=container_id, host=state.host, socket=f"{state.flow_id}|{sock.cookie}",
+    # a TCP socket's counters run from its start to its close, across flows of it (one that
+    # went idle ended, and a later packet starts another); a UDP flow's start from 0
+    socket = str(sock.cookie) if state.transport == "tcp" else f"{state.flow_id}|{sock.cookie}"
+    base = dict(container_id=container_id, host=state.host, socket=socket,
                 role=state.role_of(sock), ts_ns=sock.last_ns, failed=sock.failed,
                 closed=sock.closed, bytes_in=sock.bytes_received, bytes_out=sock.bytes_sent,
                 packets_in=sock.packets_received, packets_out=sock.packets_sent,

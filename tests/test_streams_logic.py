@@ -266,14 +266,15 @@ def test_community_id_equals_the_reference_package(transport: str, ips: tuple[An
     assert community_id(transport, src, sport, dst, dport) == expected
 
 
-def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowConfig,
-         replay: int = 1, forget_flows: bool = False) -> EntityState:
+def feed_passes(passes: list[list[tuple[int, str, int, int, int, int | None]]],
+                cfg: WindowConfig, forget_flows: bool = True) -> EntityState:
     """Socket observations (cookie, role, t_ms, bytes_in, bytes_out, srtt) of container A,
-    through the flow stage's ``activity`` (repeated ``replay`` times, the flow stage's state
-    lost before each repetition if ``forget_flows``: a crash) into the windows."""
+    through the flow stage's ``activity`` into the windows, pass by pass; with
+    ``forget_flows`` the flow stage's state is lost before each pass (a crash, or the flows
+    expired between)."""
     entity = EntityState(entity=CID_A, entity_type="CONTAINER")
     flows: dict[int, FlowState] = {}
-    for _ in range(replay):
+    for events in passes:
         if forget_flows:
             flows = {}
         for cookie, role, t_ms, b_in, b_out, rtt in events:
@@ -286,6 +287,12 @@ def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowCo
                 for a in activity(state, sock, CID_A, None, cfg.step_ms):
                     entity.apply(a, cfg)
     return EntityState.from_dict(entity.to_dict())  # through JSON-able state
+
+
+def feed(events: list[tuple[int, str, int, int, int, int | None]], cfg: WindowConfig,
+         replay: int = 1, forget_flows: bool = False) -> EntityState:
+    """``events`` fed ``replay`` times (see ``feed_passes``)."""
+    return feed_passes([events] * replay, cfg, forget_flows)
 
 
 def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
@@ -317,6 +324,20 @@ def test_windows_count_deltas_once_and_emit_tumbling_and_hopping() -> None:
     late = feed([(3, "client", off + 1500, 500, 70, 50)], cfg)
     late.emitted_upto_ms = base + 20_000
     assert not late.apply(activity(*_one_socket(3, off + 1500), CID_A, None, cfg.step_ms)[0], cfg)
+
+
+def test_tcp_socket_resumed_after_an_idle_end_is_not_counted_again() -> None:
+    """A TCP connection idle long enough to end its flow, then active again: the new flow
+    carries the socket's counters since its start; the windows count only what is new."""
+    cfg = WindowConfig(step_s=10, hop_s=60, grace_s=5)
+    base = T0 // 1_000_000 // 10_000 * 10_000
+    off = base - T0 // 1_000_000
+    before = [(1, "client", off + 1000, 100, 50, None)]
+    after = [(1, "client", off + 5000, 300, 70, None)]
+    e = feed(before + after, cfg, replay=1)
+    resumed = feed_passes([before, after], cfg)  # the flow state forgotten in between
+    assert resumed.close(base + 15_000, cfg) == e.close(base + 15_000, cfg)
+    assert e.close(base + 15_000, cfg) == [] and resumed.buckets[str(base)].bytes_in == 300
 
 
 def _one_socket(cookie: int, t_ms: int) -> tuple[FlowState, object]:
@@ -368,7 +389,7 @@ def test_activity_for_container_and_pod() -> None:
     e = EntityState(entity="ns/p1", entity_type="POD")
     for a in acts:
         e.apply(a, cfg)
-    assert sock.closed and list(e.sockets) == [f"{state.flow_id}|1"]
+    assert sock.closed and list(e.sockets) == ["1"]  # a TCP socket: by its cookie
     for rec in e.close(T0 // 1_000_000 + 100_000, cfg):
         fastavro.validate(rec, cm, strict=True)
     assert e.idle()  # its windows emitted, the closed socket forgotten
