@@ -19,6 +19,7 @@ import time
 import weakref
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,7 @@ BATCH_KEY = b"\x00batch"  # internal messages carry a list of observations or ac
 LOCAL_KEY = b"\x00local"  # ... or [host, address] pairs of local sockets (see RawStage)
 LOCAL_RESEND_S = 30.0  # how often a raw stage sends all the local addresses it knows again
 BATCH_MAX = 5000  # records per batch of a stage
+MESSAGE_BYTES = 900_000  # an internal message stays below Kafka's default limit (1 MiB)
 BATCH_WITHIN_S = 0.02  # a stage waits at most this long to fill a batch
 METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
 PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
@@ -311,11 +313,13 @@ class RawStage:
                 self.local.setdefault((obs.host, network(obs.local_ip)), obs.local_ip)
         if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
             self.local_sent = time.monotonic()
-            pairs = _json([[host, ip] for (host, _net), ip in self.local.items()])
-            for partition in range(self.partitions):  # before the batch's observations
-                self.outputs.send("sockets", LOCAL_KEY, pairs, partition)
+            pairs = [[host, ip] for (host, _net), ip in self.local.items()]
+            for _, data in _fitting(pairs):
+                for partition in range(self.partitions):  # before the batch's observations
+                    self.outputs.send("sockets", LOCAL_KEY, data, partition)
         for partition, items in rows.items():
-            self.outputs.send("sockets", BATCH_KEY, _json(items), partition)
+            for _, data in _fitting(items):
+                self.outputs.send("sockets", BATCH_KEY, data, partition)
         self.outputs.flush_now()
         for topic, count in read.items():
             self.metrics.records.labels(self.topics[topic]).inc(count)
@@ -492,7 +496,9 @@ class Worker:
                         log.exception("flows: cannot process %r", item)
             self.settle(batch, now)
             for partition, items in batch.activity.items():
-                await self.activity_topic.send(key=BATCH_KEY, value=items, partition=partition)
+                for chunk, _ in _fitting(items):
+                    await self.activity_topic.send(key=BATCH_KEY, value=chunk,
+                                                   partition=partition)
             await self.outputs.flush()
 
     def _load(self, event: Any, key: bytes, batch: FlowBatch) -> Touched:
@@ -835,6 +841,18 @@ def _now_ms() -> int:
 def _json(doc: Any) -> bytes:
     """Compact JSON (orjson: about 10 times the standard library's speed on our documents)."""
     return orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _fitting(items: list[Any]) -> Iterator[tuple[list[Any], bytes]]:
+    """``items`` in consecutive parts whose JSON fits one Kafka message (halved until each
+    does; a batch of records with long command lines can be several megabytes), with it."""
+    data = _json(items)
+    if len(data) > MESSAGE_BYTES and len(items) > 1:
+        half = len(items) // 2
+        yield from _fitting(items[:half])
+        yield from _fitting(items[half:])
+    else:
+        yield items, data
 
 
 def _state(data: bytes | None) -> Any:

@@ -482,3 +482,15 @@ def test_connection_between_two_namespaces_is_one_flow() -> None:
     table, events = by_key([bridged(o) for o in loopback_flow()], [100, 20_000])
     (state,) = table.values()
     assert state.both_ends() and [e.type for _, e in events] == ["START", "END"]
+
+
+def test_internal_messages_are_split_to_fit_kafka() -> None:
+    """A batch of observations with long command lines is several megabytes: it goes in parts
+    that each fit one Kafka message, in order, nothing dropped."""
+    from streams.app import MESSAGE_BYTES, _fitting, _json
+
+    rows = [[i, "x" * (30_000 if i % 7 == 0 else 300)] for i in range(2000)]
+    parts = list(_fitting(rows))
+    assert len(parts) > 1 and all(len(data) <= MESSAGE_BYTES for _, data in parts)
+    assert [row for chunk, _ in parts for row in chunk] == rows
+    assert list(_fitting(rows[:3])) == [(rows[:3], _json(rows[:3]))]
