@@ -150,9 +150,6 @@ class Live:
     """What user space remembers of a flow between its START and END; ``fields`` are the
     record fields of the flow that do not change during its life (the owner's are shared)."""
 
-    transport: str
-    start_ns: int
-    role: str
     owner: dict[str, Any] | None  # the owner's record fields (see _owner)
     fields: dict[str, Any]
     key: str  # the Kafka key of its records
@@ -161,6 +158,10 @@ class Live:
     reported_ns: int = 0
     retrans: int = 0
     missing: bool = False  # gone from the kernel map at the previous scan
+
+    @property
+    def start_ns(self) -> int:
+        return self.fields["start_ns"]
 
 
 def available() -> tuple[bool, str]:
@@ -354,8 +355,8 @@ class EbpfSensor:
         fields = {"cookie": cookie, "start_ns": start_ns, "transport": transport, "family": fam,
                   "role": ROLES[role], "local_ip": local, "local_port": lport,
                   "remote_ip": remote, "remote_port": rport}
-        return Live(transport, start_ns, ROLES[role], owner, fields,
-                    f"{self.options.host_name}:{cookie}", f"{cookie}|{remote}:{rport}|")
+        return Live(owner, fields, f"{self.options.host_name}:{cookie}",
+                    f"{cookie}|{remote}:{rport}|")
 
     def _live_of(self, transport: str, ev: Event) -> Live:
         return self._live(transport, ev.cookie, self._ns(ev.start_ns), ev.role, ev.family,

@@ -229,16 +229,19 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
                                   data, body, end)
 
 
-def _find_attr(data: bytes, offset: int, end: int, wanted: int) -> int:
-    """The offset of the first attribute of type ``wanted`` in ``data[offset:end]``, else 0."""
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, offset, length) of each attribute in ``data[offset:end]``, up to a malformed one."""
     while offset + _RTATTR.size <= end:
         attr_len, attr_type = _RTATTR.unpack_from(data, offset)
         if attr_len < _RTATTR.size or offset + attr_len > end:
-            return 0
-        if attr_type == wanted:
-            return offset
+            return
+        yield attr_type, offset, attr_len
         offset += (attr_len + 3) & ~3
-    return 0
+
+
+def _find_attr(data: bytes, offset: int, end: int, wanted: int) -> int:
+    """The offset of the first attribute of type ``wanted`` in ``data[offset:end]``, else 0."""
+    return next((at for kind, at, _ in _attrs(data, offset, end) if kind == wanted), 0)
 
 
 def details(msg: DiagMessage) -> DiagDetails:
@@ -250,11 +253,7 @@ def details(msg: DiagMessage) -> DiagDetails:
     out = DiagDetails(socket.ntohs(sport), socket.ntohs(dport),
                       socket.inet_ntop(msg.family, src[:size]),
                       socket.inet_ntop(msg.family, dst[:size]), ifindex)
-    offset = body + _INET_DIAG_MSG.size
-    while offset + _RTATTR.size <= end:
-        attr_len, attr_type = _RTATTR.unpack_from(data, offset)
-        if attr_len < _RTATTR.size or offset + attr_len > end:
-            break
+    for attr_type, offset, attr_len in _attrs(data, body + _INET_DIAG_MSG.size, end):
         start, size = offset + _RTATTR.size, attr_len - _RTATTR.size
         if attr_type == INET_DIAG_INFO:
             if size >= _TCP_INFO.size:
@@ -267,7 +266,6 @@ def details(msg: DiagMessage) -> DiagDetails:
             out.congestion = name.decode("ascii", "replace")
         elif attr_type == INET_DIAG_CGROUP_ID and size >= _U64.size:
             out.cgroup_id = _U64.unpack_from(data, start)[0]
-        offset += (attr_len + 3) & ~3
     return out
 
 

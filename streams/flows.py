@@ -178,7 +178,7 @@ class SocketState:
     error: str | None = None
     ebpf: bool = False  # followed by the eBPF sensor
     ebpf_closed: bool = False  # its eBPF END or FAILURE came: its counters are final
-    sent: list[int] = field(default_factory=list)  # ``activity_signature`` of the latest activity
+    sent: list[int] = field(default_factory=list)  # what the latest ``activity`` passed on
 
     def reopened_by(self, obs: Observation) -> bool:
         """Whether ``obs`` starts a new flow on this closed socket (a UDP socket talking to the

@@ -204,16 +204,18 @@ class EntityState:
         else:
             gap = min((start - counted.step_ms) // step, cfg.steps) if start > counted.step_ms \
                 else None
-        deltas = [max(getattr(act, name) - getattr(counted, name), 0) for name in _COUNTERS]
+        deltas: dict[str, int] = {}
+        for name in _COUNTERS:
+            now, was = getattr(act, name), getattr(counted, name)
+            deltas[name] = max(now - was, 0)
+            setattr(counted, name, max(now, was))
         sample = act.rtt_us is not None and act.rtt_ns > counted.rtt_ns
         failed = act.failed and not counted.failed and act.role == CLIENT
-        for name in _COUNTERS:
-            setattr(counted, name, max(getattr(counted, name), getattr(act, name)))
         counted.rtt_ns = max(counted.rtt_ns, act.rtt_ns)
         counted.step_ms = max(counted.step_ms, start)
         counted.failed = counted.failed or act.failed
         counted.closed = counted.closed or act.closed
-        if gap is None and not any(deltas) and not sample and not failed:
+        if gap is None and not any(deltas.values()) and not sample and not failed:
             return True
         b = self.buckets.get(str(start))
         if b is None:
@@ -225,11 +227,8 @@ class EntityState:
         b.failed += failed
         if act.container_id not in b.containers:
             b.containers.append(act.container_id)
-        b.bytes_in += deltas[0]
-        b.bytes_out += deltas[1]
-        b.packets_in += deltas[2]
-        b.packets_out += deltas[3]
-        b.retransmits += deltas[4]
+        for name, delta in deltas.items():
+            setattr(b, name, getattr(b, name) + delta)
         if sample:
             (b.rtt_client if act.role == CLIENT else b.rtt_server).add(act.rtt_us, act.rttvar_us)
         return True
