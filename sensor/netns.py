@@ -11,6 +11,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ class NetnsCookies:
 
     The host's namespace is known from the start. A cookie seen for the first time triggers a
     scan of the namespaces (entering others needs CAP_SYS_ADMIN) that learns those not seen at
-    the previous scan. A namespace that vanished before any scan saw it stays unknown (and is
+    the previous scan, and all of them if that did not name the cookie (a new namespace may have
+    an old one's inode). A namespace that vanished before any scan saw it stays unknown (and is
     not scanned for again), and so does one the sensor may not enter: then the namespace of the
     socket's owner process stands in, if it still runs (a socket is nearly always made in its
     process's namespace).
@@ -138,7 +140,7 @@ class NetnsCookies:
         of process ``pid``'s namespace, else None."""
         inode = self._inodes.get(cookie) if cookie else None
         if inode is None and cookie and cookie not in self._inodes:
-            self._scan()
+            self._scan(cookie)
             inode = self._inodes.setdefault(cookie, None)
         if inode is None and pid:
             try:
@@ -147,17 +149,23 @@ class NetnsCookies:
                 return None
         return inode
 
-    def _scan(self) -> None:
+    def _scan(self, cookie: int) -> None:
+        """Learn the namespaces not seen before; if ``cookie`` is not among them, also those seen
+        before: the kernel gives a freed namespace's inode to the next one made."""
         with self._lock:
             present = discover_namespaces(self.proc, self.enter)
-            for inode, namespace in present.items():
-                if inode in self._seen:
-                    continue
-                try:
-                    with socket_in(namespace.path, socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                        self._inodes[cookie_of(sock)] = inode
-                except OSError as error:  # gone meanwhile, or not allowed to enter
-                    log.debug("no cookie for network namespace %d: %s", inode, error)
+            self._learn(ns for inode, ns in present.items() if inode not in self._seen)
+            if cookie not in self._inodes:
+                self._learn(ns for inode, ns in present.items()
+                            if inode in self._seen and not ns.host)
             self._seen = set(present)
             while len(self._inodes) > COOKIES_REMEMBERED:
                 self._inodes.popitem(last=False)
+
+    def _learn(self, namespaces: Iterable[Namespace]) -> None:
+        for namespace in namespaces:
+            try:
+                with socket_in(namespace.path, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    self._inodes[cookie_of(sock)] = namespace.inode
+            except OSError as error:  # gone meanwhile, or not allowed to enter
+                log.debug("no cookie for network namespace %d: %s", namespace.inode, error)
