@@ -165,6 +165,8 @@ BPF_HASH(udp_flows, struct udp_key_t, struct udp_flow_t, UDP_ENTRIES);
 BPF_PERCPU_ARRAY(drops, u64, D_MAX);
 BPF_ARRAY(config, u64, 1);
 
+// Map writes get a second try before a loss is counted: a write can fail for a passing reason
+// (a bucket lock that timed out while its holder's CPU was preempted, as in a busy VM).
 static __always_inline void count_drop(int what)
 {
     u64 *n = drops.lookup(&what);
@@ -188,7 +190,7 @@ static __always_inline void fill_owner(struct owner_t *o, u8 source, u64 netns)
 
 static __always_inline int put_owner(u64 cookie, struct owner_t *o)
 {
-    if (owners.update(&cookie, o)) {
+    if (owners.update(&cookie, o) && owners.update(&cookie, o)) {
         count_drop(D_OWNER_MAP);
         return -1;
     }
@@ -198,7 +200,7 @@ static __always_inline int put_owner(u64 cookie, struct owner_t *o)
 static __always_inline void put_sk(u64 skaddr, u64 cookie, u64 netns)
 {
     struct sk_info_t info = {.cookie = cookie, .netns = netns};
-    if (sk_cookie.update(&skaddr, &info))
+    if (sk_cookie.update(&skaddr, &info) && sk_cookie.update(&skaddr, &info))
         count_drop(D_SK_MAP);
 }
 
@@ -361,7 +363,7 @@ static __always_inline void tcp_new_flow(struct bpf_sock_ops *ctx, u64 cookie, u
     f.start_ns = bpf_ktime_get_boot_ns();
     f.role = role;
     tcp_addrs(ctx, &f);
-    if (tcp_flows.update(&cookie, &f)) {
+    if (tcp_flows.update(&cookie, &f) && tcp_flows.update(&cookie, &f)) {
         count_drop(D_TCP_MAP);
         return;
     }
@@ -617,6 +619,29 @@ static __always_inline int tcp_packet(struct __sk_buff *skb, int egress)
     return 1;
 }
 
+// A new UDP flow in the map and its START event; the flow's entry, or 0.
+static __always_inline struct udp_flow_t *udp_start(struct udp_key_t *k, struct udp_flow_t *n,
+                                                    u64 cookie, u16 family, struct owner_t *o)
+{
+    if (udp_flows.insert(k, n) == 0) {
+        struct event_t *ev = new_event(EV_START, cookie);
+        if (ev) {
+            ev->proto = PROTO_UDP;
+            ev->start_ns = n->start_ns;
+            ev->family = family;
+            __builtin_memcpy(ev->laddr, n->laddr, sizeof(n->laddr));
+            __builtin_memcpy(ev->raddr, k->raddr, sizeof(k->raddr));
+            ev->lport = n->lport;
+            ev->rport = k->rport;
+            ev->role = n->role;
+            if (o)
+                __builtin_memcpy(&ev->owner, o, sizeof(*o));
+            events.ringbuf_submit(ev, 0);
+        }
+    }
+    return udp_flows.lookup(k);
+}
+
 static __always_inline int on_packet(struct __sk_buff *skb, int egress)
 {
     if (tcp_packet(skb, egress))
@@ -648,23 +673,9 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
         __builtin_memcpy(n.laddr, egress ? p.saddr : p.daddr, sizeof(n.laddr));
         n.lport = egress ? p.sport : p.dport;
         n.role = egress ? ROLE_CLIENT : ROLE_SERVER;  // the side that sent first initiated
-        if (udp_flows.insert(&k, &n) == 0) {
-            struct event_t *ev = new_event(EV_START, cookie);
-            if (ev) {
-                ev->proto = PROTO_UDP;
-                ev->start_ns = now;
-                ev->family = p.family;
-                __builtin_memcpy(ev->laddr, n.laddr, sizeof(n.laddr));
-                __builtin_memcpy(ev->raddr, k.raddr, sizeof(k.raddr));
-                ev->lport = n.lport;
-                ev->rport = k.rport;
-                ev->role = n.role;
-                if (o)
-                    __builtin_memcpy(&ev->owner, o, sizeof(*o));
-                events.ringbuf_submit(ev, 0);
-            }
-        }
-        f = udp_flows.lookup(&k);
+        f = udp_start(&k, &n, cookie, p.family, o);
+        if (!f)
+            f = udp_start(&k, &n, cookie, p.family, o);
         if (!f) {
             count_drop(D_UDP_MAP);
             return 1;

@@ -411,12 +411,9 @@ class EbpfSensor:
             live = self._udp.pop(key)
             if live.owner is None and ev.owner_pid:
                 live.owner = self._owner(ev[OWNER])
-            ckey = self._udp_key(table, key)
-            try:
-                value = table[ckey]
-            except KeyError:
+            value = _take(table, self._udp_key(table, key))
+            if value is None:
                 continue
-            del table[ckey]
             self._emit("END", key[0], live, self._ns(ev.ts_ns), counters=_udp_counters(value),
                        reason="SOCKET_CLOSED")
 
@@ -505,12 +502,14 @@ class EbpfSensor:
             elif live.owner is None:  # a socket older than the sensor: owned at first I/O
                 live.owner = self._owner_of(ckey.cookie)
             counters = _udp_counters(value)
-            last = self._ns(value.last_ns)
-            if now - last >= idle:
-                del table[ckey]
+            if now - self._ns(value.last_ns) >= idle:
                 self._udp.pop(key, None)
                 self._udp_by_cookie.get(key[0], set()).discard(key)
-                self._emit("END", key[0], live, last, counters=counters, reason="IDLE")
+                value = _take(table, ckey)  # with what came since the map was read
+                if value is None:
+                    continue
+                self._emit("END", key[0], live, self._ns(value.last_ns),
+                           counters=_udp_counters(value), reason="IDLE")
             elif now - live.reported_ns >= interval and counters != live.reported:
                 self._emit("UPDATE", key[0], live, now, counters=counters)
 
@@ -681,6 +680,17 @@ def _count(table: Any) -> int:
                 return total
             raise OSError(error, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(error)}")
         first = False
+
+
+def _take(table: Any, key: Any) -> Any:
+    """Read and delete one entry of a hash map in one step (None if it is gone): nothing a
+    program adds between a read and a delete is lost."""
+    from bcc.libbcc import lib
+
+    value = table.Leaf()
+    if lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(value)) < 0:
+        return None
+    return value
 
 
 def _items(table: Any) -> list[tuple[Any, Any]]:

@@ -7,7 +7,7 @@ container/pod) -> windows agent (windows table, ContainerMetrics). Timeouts and 
 run on tick records that a timer sends to each assigned partition, so that every table change
 happens in stream context and is changelogged. Every stage works on batches (one internal
 message per partition per batch, one table write per key per batch); output records go through
-librdkafka, flushed before their input is acked.
+librdkafka, flushed before the batch's table writes and before its input is acked.
 """
 
 from __future__ import annotations
@@ -178,16 +178,19 @@ class Touched:
 
 @dataclass
 class FlowBatch:
-    """What one batch of the flows stage touched: flows by key, activity by partition."""
+    """What one batch of the flows stage touched: flows by key, activity by partition, and the
+    table writes (key, value; None deletes) with the event each belongs to."""
 
     flows: dict[bytes, Touched] = field(default_factory=dict)
     activity: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    writes: list[tuple[Any, bytes, bytes | None]] = field(default_factory=list)
 
 
 class Outputs:
-    """Output records (flows, ECS, OCSF, windows, DLQ) through one librdkafka producer: a few
-    microseconds a record, against tens through aiokafka. A stage flushes it (off the event
-    loop) before the input records of a batch are acknowledged: at least once."""
+    """Output records (flows, ECS, OCSF, windows, DLQ, internal batches) through one librdkafka
+    producer: a few microseconds a record, against tens through aiokafka. A stage flushes it
+    (off the event loop) before it writes its tables and its input records are acknowledged:
+    at least once."""
 
     def __init__(self, settings: Settings) -> None:
         self.topics = {s: topic_name(settings, s) for s in ("flows", "flows.ecs", "flows.ocsf",
@@ -412,6 +415,7 @@ class Worker:
                                        key_serializer="raw", value_serializer="json")
         self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
                                         key_serializer="raw", value_serializer="json")
+        self.outputs.topics["activity"] = self.activity_topic.get_topic_name()
         # keys are bytes, values the JSON of the dataclasses' state (``_json``, ``_state``):
         # encoded once here, where Faust's JSON serializer would encode twice (store, changelog)
         self.flows = app.Table("flows", default=None, partitions=n, key_type=bytes,
@@ -496,10 +500,10 @@ class Worker:
                         log.exception("flows: cannot process %r", item)
             self.settle(batch, now)
             for partition, items in batch.activity.items():
-                for chunk, _ in _fitting(items):
-                    await self.activity_topic.send(key=BATCH_KEY, value=chunk,
-                                                   partition=partition)
+                for _, data in _fitting(items):
+                    self.outputs.send("activity", BATCH_KEY, data, partition)
             await self.outputs.flush()
+            _write(self.flows, batch.writes)
 
     def _load(self, event: Any, key: bytes, batch: FlowBatch) -> Touched:
         touched = batch.flows.get(key)
@@ -536,9 +540,9 @@ class Worker:
                 self.publish_flow(state, emission, now)
             index = self.due.setdefault(state.partition, {})
             incomplete = self.incomplete.setdefault(state.partition, set())
-            _current_event.set(weakref.ref(touched.event))
             if expired(state, now, self.options.flow):
-                del self.flows[key]
+                if touched.stored is not None:
+                    batch.writes.append((touched.event, key, None))
                 index.pop(key, None)
                 incomplete.discard(key)
                 continue
@@ -549,7 +553,7 @@ class Worker:
                 incomplete.discard(key)
             value = state.to_dict()
             if value != touched.stored:
-                self.flows[key] = _json(value)
+                batch.writes.append((touched.event, key, _json(value)))
 
     def report(self, state: FlowState, sock: Any, batch: FlowBatch) -> None:
         """Pass what a socket of a container did on to the windows of its container and pod."""
@@ -627,14 +631,12 @@ class Worker:
                     except Exception:  # a bug must not stop the stream; counted and logged
                         self.metrics.errors.labels("windows").inc()
                         log.exception("windows: cannot process %r", item)
-            for key, (event, state) in changed.items():
-                _current_event.set(weakref.ref(event))
-                if state is not None:
-                    self.entities[key] = _json({"partition": event.message.partition,
-                                                "state": state.to_dict()})
-                elif self.entities.get(key) is not None:
-                    del self.entities[key]
+            writes = [(event, key, _json({"partition": event.message.partition,
+                                          "state": state.to_dict()}) if state else None)
+                      for key, (event, state) in changed.items()
+                      if state is not None or self.entities.get(key) is not None]
             await self.outputs.flush()
+            _write(self.entities, writes)
 
     def _entities_of(self, partition: int) -> dict[bytes, EntityState]:
         """The entities of ``partition``, read from the table once after an assignment."""
@@ -853,6 +855,18 @@ def _fitting(items: list[Any]) -> Iterator[tuple[list[Any], bytes]]:
         yield from _fitting(items[half:])
     else:
         yield items, data
+
+
+def _write(table: Any, writes: list[tuple[Any, bytes, bytes | None]]) -> None:
+    """A batch's table writes (None deletes), each changelogged with its event. A stage makes
+    them once its output records are delivered: a state restored after a crash never says
+    that something was emitted when it was not (it may say less: then it is emitted again)."""
+    for event, key, value in writes:
+        _current_event.set(weakref.ref(event))
+        if value is None:
+            del table[key]
+        else:
+            table[key] = value
 
 
 def _state(data: bytes | None) -> Any:

@@ -32,7 +32,9 @@ from tests.support.capabilities import require, require_root
 pytestmark = pytest.mark.bpf
 
 UPDATE_S = 1.0
-UDP_IDLE_S = 2.0
+# long enough that a busy CI machine pausing a test program mid-exchange does not end its flow
+# (a UDP flow idle for this long ENDs, and its next datagram starts another)
+UDP_IDLE_S = 60.0
 
 # Test programs, run as separate processes so that pids differ. Each prints its pid (and port)
 # once its socket is ready, then waits for a line on stdin before exiting when asked to.
@@ -168,8 +170,8 @@ def running_sensor(lossless: bool = True, **settings: Any) -> Iterator[Collector
     require(ok, why)
     collector = Collector()
     stop = threading.Event()
-    options = ebpf.EbpfOptions(host_name="test-host", update_interval_s=UPDATE_S,
-                               udp_idle_timeout_s=UDP_IDLE_S, **settings)
+    options = ebpf.EbpfOptions(**{"host_name": "test-host", "update_interval_s": UPDATE_S,
+                                  "udp_idle_timeout_s": UDP_IDLE_S, **settings})
 
     def target() -> None:
         try:
@@ -494,17 +496,29 @@ def test_udp_socket_older_than_sensor(sensor: Collector) -> None:
     test_udp_two_processes(sensor, socket.AF_INET, "127.0.0.1")
 
 
-def test_udp_idle_timeout(sensor: Collector) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+def test_udp_idle_timeout() -> None:
+    """A UDP flow without datagrams ENDs after the idle timeout, with its counts; the socket's
+    next datagram starts another flow."""
+    idle_s = 1.0
+    with running_sensor(udp_idle_timeout_s=idle_s) as sensor, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
         b.bind(("127.0.0.1", 0))
         a.sendto(b"x" * 42, b.getsockname())
         b.recv(100)
         lport, port = a.getsockname()[1], b.getsockname()[1]
         match = by_ports(lport, port, "udp")
-        end = sensor.wait(lambda r: match(r) and r["type"] == "END", timeout=UDP_IDLE_S + 10)[0]
+        end = sensor.wait(lambda r: match(r) and r["type"] == "END", timeout=idle_s + 10)[0]
         assert end["reason"] == "IDLE" and end["bytes_sent"] == 42
         assert end["process"]["pid"] == os.getpid()
+        a.sendto(b"y" * 7, b.getsockname())
+        b.recv(100)
+        a.close()
+        ends = sensor.wait(lambda r: match(r) and r["type"] == "END", count=2)
+        assert [(r["reason"], r["bytes_sent"]) for r in ends] == [("IDLE", 42),
+                                                                 ("SOCKET_CLOSED", 7)]
+        assert [r["type"] for r in sensor.select(match)] == ["START", "END", "START", "END"]
+        assert ends[0]["cookie"] == ends[1]["cookie"]
 
 
 # ---- cgroups, network namespaces, retransmissions ---------------------------------------

@@ -55,13 +55,15 @@ def private(settings: Settings, tmp_path: Path) -> Settings:
 class StreamWorker:
     """``python -m packetless streams`` in a subprocess (its own process group)."""
 
-    def __init__(self, settings: Settings, group: str, log: Path) -> None:
+    def __init__(self, settings: Settings, group: str, log: Path,
+                 tuning: dict[str, str] | None = None) -> None:
         self.settings, self.group, self.log = settings, group, log
+        self.tuning = {**TUNING, **(tuning or {})}
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, **TUNING,
+        env = {**os.environ, **self.tuning,
                "PACKETLESS_BOOTSTRAP_SERVERS": self.settings.bootstrap_servers,
                "PACKETLESS_REGISTRY_URL": self.settings.registry_url,
                "PACKETLESS_TOPIC_PREFIX": self.settings.topic_prefix,
@@ -558,3 +560,124 @@ def test_two_workers_give_the_same_end_flows_as_one(settings: Settings, tmp_path
     same_tuple = [k for k in one if k[3] == 43000]
     assert len(same_tuple) == 2 and {k[4] for k in same_tuple} == {4026532101, 4026532102}
     assert two == one
+
+
+def connections(n: int, spread_s: float) -> Iterator[list[dict[str, Any]]]:
+    """raw.ebpf START and END of both sockets of ``n`` connections from container A to
+    container B (each its own namespace), one connection at a time spread over ``spread_s``
+    seconds of the wall clock: the records of each, stamped when it is yielded."""
+    for i in range(n):
+        time.sleep(spread_s / n)
+        now_ns = time.time_ns()
+        out = []
+        for role, cookie, lip, lport, rip, rport, sent, received, container, netns in (
+                ("CLIENT", 70_000 + 2 * i, "172.18.0.2", 30_000 + i, "172.18.0.3", 8080,
+                 100 + i, 5000 + i, A, 4026532004),
+                ("SERVER", 70_001 + 2 * i, "172.18.0.3", 8080, "172.18.0.2", 30_000 + i,
+                 5000 + i, 100 + i, B, 4026532005)):
+            for kind, ts in (("START", now_ns - 5_000_000), ("END", now_ns)):
+                end = kind == "END"
+                out.append({"topic": "raw.ebpf", "key": f"node-1:{cookie}", "value": schemas.record(
+                    "EbpfEvent", event_id=f"load-{cookie}-{kind}", type=kind, host_name="node-1",
+                    boot_id="load", cookie=cookie, timestamp_ns=ts, start_ns=now_ns - 5_000_000,
+                    transport="tcp", family="ipv4", role=role, local_ip=lip, local_port=lport,
+                    remote_ip=rip, remote_port=rport, netns_inode=netns, container_id=container,
+                    bytes_sent=sent if end else 0, bytes_received=received if end else 0,
+                    packets_sent=3, packets_received=3, state="CLOSE" if end else "ESTABLISHED",
+                    reason="CLOSED" if end else None)})
+        yield out
+
+
+def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Settings,
+                                                         tmp_path: Path) -> None:
+    """Connections keep coming while a worker is killed (SIGKILL, its data dir lost) after a
+    tenth of their ENDs came out; a new worker of the group takes over. Every connection ends,
+    its latest END exact; a repeated END is the same event (flow_id and sequence); and the
+    container windows, a repeated window taken once, add up to exactly the bytes sent."""
+    s = stack_settings
+    n = 600
+    fixture = json.loads(FIXTURE.read_text())
+    produce(s, fixture["meta"], int(time.time() * 1000) - fixture["origin_ms"])
+    group = f"g{s.topic_prefix[:-1]}"
+    # windows wait for late activity longer than a takeover takes (Kafka's session timeout,
+    # then the new worker's start): then nothing replayed after it is late
+    tuning = {"PACKETLESS_WINDOW_GRACE": "45"}
+    worker = StreamWorker(s, group, tmp_path / "worker.log", tuning)
+    readers = {x: Reader(s, x) for x in ("flows", "metrics.containers")}
+    flows, windows = readers["flows"].records, readers["metrics.containers"].records
+    pub = Publisher(s)
+    produced = 0
+    try:
+        worker.start()
+        killed_at = None
+        for records in connections(n, spread_s=20):
+            for rec in records:
+                pub.send(rec["topic"], rec["key"], rec["value"])
+                produced += 1
+            if killed_at is None:
+                readers["flows"].poll(0.01)
+                if sum(f["type"] == "END" for f in flows) >= n // 10:
+                    worker.stop(signal.SIGKILL)
+                    killed_at = produced
+        left = pub.flush(120)
+        assert left == 0 and pub.failed == 0, f"{left} raw records pending, {pub.failed} failed"
+        assert killed_at is not None, "no END before the last connection"
+        fresh = Settings(**{**s.__dict__, "data_dir": tmp_path / "fresh"})
+        worker = StreamWorker(fresh, group, tmp_path / "worker2.log", tuning)
+        worker.start()
+
+        def latest_ends() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for f in flows:
+                if f["type"] == "END" and f["sequence"] >= out.get(f["flow_id"], f)["sequence"]:
+                    out[f["flow_id"]] = f
+            return out
+
+        def tumbling(entity: str) -> dict[int, dict[str, Any]]:
+            out = {}
+            for w in windows:  # a window emitted again after the crash: the latest counts
+                if (w["entity_type"], w["entity_id"]) == ("CONTAINER", entity) \
+                        and w["window_size_ms"] == w["window_step_ms"]:
+                    out[w["window_start_ms"]] = w
+            return out
+
+        def total(entity: str, name: str) -> int:
+            return sum(w[name] for w in tumbling(entity).values())
+
+        client_sent = sum(100 + i for i in range(n))
+        server_sent = sum(5000 + i for i in range(n))
+        wait_for(readers, lambda: len(latest_ends()) == n
+                 and total(A, "bytes_out") >= client_sent and total(B, "bytes_out") >= server_sent,
+                 240, worker)
+        time.sleep(3)
+        for r in readers.values():
+            r.poll(1)
+        ends = [f for f in flows if f["type"] == "END"]
+        by_event: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for f in ends:
+            by_event.setdefault((f["flow_id"], f["sequence"]), []).append(f)
+        repeated = sum(len(v) - 1 for v in by_event.values())
+        corrected = len(by_event) - n
+        print(f"\nsigkill under load: {produced} raw records, worker killed after {killed_at}; "
+              f"{n} connections, {len(ends)} END records ({repeated} repeated, same flow_id and "
+              f"sequence; {corrected} corrected by a later peer); container A sent "
+              f"{total(A, 'bytes_out')}/{client_sent} B sent {total(B, 'bytes_out')}/"
+              f"{server_sent} in {len(tumbling(A))}+{len(tumbling(B))} windows")
+        for same in by_event.values():  # a repeat is the same event: same id, same content
+            assert all({k: v for k, v in f.items() if k != "emitted_ms"}
+                       == {k: v for k, v in same[0].items() if k != "emitted_ms"} for f in same)
+        latest = latest_ends()
+        assert len(latest) == n
+        assert sorted((f["client_bytes"], f["server_bytes"]) for f in latest.values()) == [
+            (100 + i, 5000 + i) for i in range(n)]
+        assert all(f["client"]["container"]["id"] == A and f["server"]["container"]["id"] == B
+                   for f in latest.values())
+        for entity, sent, received in ((A, client_sent, server_sent),
+                                       (B, server_sent, client_sent)):
+            assert (total(entity, "bytes_out"), total(entity, "bytes_in")) == (sent, received)
+            assert total(entity, "flows_started") == n
+        assert b"packetless_streams_late_activity_total 0.0" in worker.get("/metrics")
+    finally:
+        worker.stop()
+        for r in readers.values():
+            r.close()
