@@ -160,16 +160,18 @@ def available() -> bool:
 
 def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Event,
         options: LineageOptions, ready: Callable[[], None] | None = None) -> None:
-    """Publish RUNNING once, then EXEC/EXIT from the kernel until ``stop`` is set."""
+    """Publish RUNNING once, then EXEC/EXIT from the kernel until ``stop`` is set; ``ready`` is
+    called once the programs are attached and the processes running then are published (a
+    process started during that scan may be published as RUNNING and then by its EXEC)."""
     if not available():
         raise RuntimeError("eBPF lineage needs the sched tracepoints: mount tracefs "
                            "(mount -t tracefs nodev /sys/kernel/tracing)")
     feed = LineageFeed(options, publish)
     try:
         feed.load()
+        feed.running()
         if ready is not None:
             ready()
-        feed.running()
         while not stop.is_set():
             feed.poll(options.poll_ms)
         feed.poll(0)

@@ -104,13 +104,13 @@ def run_lineage(publish: Publish, stop: threading.Event, mode: str, host: str,
     """Process lineage: the sched tracepoints in eBPF mode, /proc scans otherwise or when the
     tracepoint program cannot load (said once, with the reason)."""
     if mode == "ebpf":
-        attached = threading.Event()
+        ready = threading.Event()
         try:
             lineage.run(publish, stop, lineage.LineageOptions(host_name=host, cache=cache),
-                        ready=attached.set)
+                        ready=ready.set)
             return
         except Exception as exc:
-            if attached.is_set():
+            if ready.is_set():
                 raise
             log.warning("process lineage from the sched tracepoints unavailable (%s): "
                         "scanning /proc instead", exc)

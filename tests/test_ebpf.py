@@ -447,7 +447,10 @@ def test_tcp_state_events(sensor: Collector) -> None:
     assert [r["type"] for r in client] == ["START", "STATE", "STATE", "END"]
     assert client[1]["previous_state"] == "ESTABLISHED"
     assert [(r["bytes_sent"], r["bytes_received"]) for r in client[1:]] == [(1000, 2000)] * 3
-    assert [(r["bytes_sent"], r["bytes_received"]) for r in server[1:]] == [(2000, 1000)] * 3
+    # bytes sent are those the peer acknowledged: at FIN_WAIT1 the client may not have acked the
+    # reply yet (delayed ACK); at FIN_WAIT2 it acked the FIN, which comes after all the data
+    assert 0 <= server[1]["bytes_sent"] <= 2000 and server[1]["bytes_received"] == 1000
+    assert [(r["bytes_sent"], r["bytes_received"]) for r in server[2:]] == [(2000, 1000)] * 2
     assert not sensor.select(lambda r: r["type"] == "STATE")  # off by default
 
 
