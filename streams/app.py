@@ -317,11 +317,11 @@ class RawStage:
         if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
             self.local_sent = time.monotonic()
             pairs = [[host, ip] for (host, _net), ip in self.local.items()]
-            for _, data in _fitting(pairs):
+            for data in _fitting(pairs):
                 for partition in range(self.partitions):  # before the batch's observations
                     self.outputs.send("sockets", LOCAL_KEY, data, partition)
         for partition, items in rows.items():
-            for _, data in _fitting(items):
+            for data in _fitting(items):
                 self.outputs.send("sockets", BATCH_KEY, data, partition)
         self.outputs.flush_now()
         for topic, count in read.items():
@@ -500,7 +500,7 @@ class Worker:
                         log.exception("flows: cannot process %r", item)
             self.settle(batch, now)
             for partition, items in batch.activity.items():
-                for _, data in _fitting(items):
+                for data in _fitting(items):
                     self.outputs.send("activity", BATCH_KEY, data, partition)
             await self.outputs.flush()
             _write(self.flows, batch.writes)
@@ -845,16 +845,16 @@ def _json(doc: Any) -> bytes:
     return orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
 
 
-def _fitting(items: list[Any]) -> Iterator[tuple[list[Any], bytes]]:
-    """``items`` in consecutive parts whose JSON fits one Kafka message (halved until each
-    does; a batch of records with long command lines can be several megabytes), with it."""
+def _fitting(items: list[Any]) -> Iterator[bytes]:
+    """The JSON of ``items`` in consecutive parts that each fit one Kafka message (halved until
+    each does; a batch of records with long command lines can be several megabytes)."""
     data = _json(items)
     if len(data) > MESSAGE_BYTES and len(items) > 1:
         half = len(items) // 2
         yield from _fitting(items[:half])
         yield from _fitting(items[half:])
     else:
-        yield items, data
+        yield data
 
 
 def _write(table: Any, writes: list[tuple[Any, bytes, bytes | None]]) -> None:

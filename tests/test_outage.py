@@ -337,3 +337,75 @@ def test_registry_outage_spools_unencoded_and_frames_at_replay(private_stack: st
           f"{pub.spooled}, framed and replayed {pub.replayed}, read back {len(got)}")
     assert got == sent  # one partition: the order is the sending order
     pub.close()
+
+
+@pytest.mark.kafka
+def test_stream_worker_rides_out_broker_and_registry_restarts(private_stack: stack.Stack,
+                                                              tmp_path: Path) -> None:
+    """Connections keep coming (through a spooling Publisher, as from a sensor) while the broker
+    and the registry are killed and started again under a running stream worker: the worker
+    keeps going, every connection ends, once each (a repeated END is the same event), exactly,
+    and the container windows add up to exactly the bytes sent."""
+    from packetless.kafka import ensure_schemas
+    from tests.test_streams_kafka import (
+        FIXTURE,
+        LONG_GRACE,
+        Reader,
+        StreamWorker,
+        check_load,
+        connections,
+        load_settled,
+        produce,
+        wait_for,
+    )
+
+    base = private_stack.options.settings
+    s = Settings(**{**base.__dict__, "topic_prefix": f"wo{os.getpid()}.",
+                    "data_dir": tmp_path / "data"})
+    ensure_topics(s)
+    ensure_schemas(Codec(s))
+    n = 300
+    fixture = json.loads(FIXTURE.read_text())
+    produce(s, fixture["meta"], int(time.time() * 1000) - fixture["origin_ms"])
+    worker = StreamWorker(s, f"g{s.topic_prefix[:-1]}", tmp_path / "worker.log", LONG_GRACE)
+    readers = {x: Reader(s, x) for x in ("flows", "metrics.containers")}
+    flows, windows = readers["flows"].records, readers["metrics.containers"].records
+    pub = Publisher(s, spool="worker-outage")
+    outage: dict[str, float] = {}
+
+    def restart_both() -> None:  # while connections keep coming
+        t0 = time.monotonic()
+        part = next(p for p in private_stack.parts if p.name == "registry")
+        os.killpg(part.proc.pid, signal.SIGKILL)
+        part.proc.wait(30)
+        kill_broker(private_stack, signal.SIGKILL)
+        time.sleep(5)
+        restart_broker(private_stack)
+        restart_registry(private_stack)
+        outage["s"] = time.monotonic() - t0
+
+    restarter = threading.Thread(target=restart_both)
+    try:
+        worker.start()
+        for i, records in enumerate(connections(n, spread_s=30)):
+            for rec in records:
+                pub.send(rec["topic"], rec["key"], rec["value"])
+            if i == n // 4:
+                restarter.start()
+        restarter.join(300)
+        assert outage, "broker and registry not restarted"
+        assert pub.flush(180) == 0  # (sends that failed went to the spool)
+        wait_for(readers, lambda: load_settled(flows, windows, n), 300, worker)
+        time.sleep(3)
+        for r in readers.values():
+            r.poll(1)
+        print(f"\nbroker and registry restarted under a worker (away {outage['s']:.1f} s, spooled "
+              f"{pub.spooled}, replayed {pub.replayed}, failed sends {pub.failed}): "
+              f"{check_load(flows, windows, n)}")
+        assert worker.alive()
+        assert b"packetless_streams_late_activity_total 0.0" in worker.get("/metrics")
+    finally:
+        worker.stop()
+        pub.close()
+        for r in readers.values():
+            r.close()

@@ -38,6 +38,9 @@ A, B, C = "a1" * 32, "b2" * 32, "c3" * 32
 # Community ID v1 of tcp 172.18.0.2:45678 -> 172.18.0.3:8080 (corelight's reference code)
 F1_COMMUNITY_ID = "1:qd11k4++uSc2rIjpGM38GkElxTI="
 _COUNTER = iter(range(1000))
+# windows that wait for late activity longer than a takeover or an outage lasts (Kafka's session
+# timeout, then the new worker's start): then nothing held up by it is late
+LONG_GRACE = {"PACKETLESS_WINDOW_GRACE": "60"}
 
 
 def free_port() -> int:
@@ -588,6 +591,64 @@ def connections(n: int, spread_s: float) -> Iterator[list[dict[str, Any]]]:
         yield out
 
 
+def latest_ends(flows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """flow_id -> its END with the highest sequence (the final one)."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in flows:
+        if f["type"] == "END" and f["sequence"] >= out.get(f["flow_id"], f)["sequence"]:
+            out[f["flow_id"]] = f
+    return out
+
+
+def tumbling(windows: list[dict[str, Any]], entity: str) -> dict[int, dict[str, Any]]:
+    """The tumbling windows of container ``entity`` by start; of a window emitted again (after
+    a crash), the latest."""
+    return {w["window_start_ms"]: w for w in windows
+            if (w["entity_type"], w["entity_id"]) == ("CONTAINER", entity)
+            and w["window_size_ms"] == w["window_step_ms"]}
+
+
+def window_total(windows: list[dict[str, Any]], entity: str, name: str) -> int:
+    return sum(w[name] for w in tumbling(windows, entity).values())
+
+
+def load_settled(flows: list[dict[str, Any]], windows: list[dict[str, Any]], n: int) -> bool:
+    """Whether every connection of ``connections(n)`` ended and the windows hold all bytes."""
+    return len(latest_ends(flows)) == n \
+        and window_total(windows, A, "bytes_out") >= sum(100 + i for i in range(n)) \
+        and window_total(windows, B, "bytes_out") >= sum(5000 + i for i in range(n))
+
+
+def check_load(flows: list[dict[str, Any]], windows: list[dict[str, Any]], n: int) -> str:
+    """Asserts that the ``connections(n)`` ended once each (a repeated END is the same event,
+    same flow_id and sequence), their latest END exact, and the container windows add up to
+    exactly the bytes sent; returns the figures."""
+    ends = [f for f in flows if f["type"] == "END"]
+    by_event: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for f in ends:
+        by_event.setdefault((f["flow_id"], f["sequence"]), []).append(f)
+    for same in by_event.values():  # a repeat is the same event: same id, same content
+        assert all({k: v for k, v in f.items() if k != "emitted_ms"}
+                   == {k: v for k, v in same[0].items() if k != "emitted_ms"} for f in same)
+    latest = latest_ends(flows)
+    assert len(latest) == n
+    assert sorted((f["client_bytes"], f["server_bytes"]) for f in latest.values()) == [
+        (100 + i, 5000 + i) for i in range(n)]
+    assert all(f["client"]["container"]["id"] == A and f["server"]["container"]["id"] == B
+               for f in latest.values())
+    client_sent, server_sent = sum(100 + i for i in range(n)), sum(5000 + i for i in range(n))
+    for entity, sent, received in ((A, client_sent, server_sent), (B, server_sent, client_sent)):
+        assert (window_total(windows, entity, "bytes_out"),
+                window_total(windows, entity, "bytes_in")) == (sent, received)
+        assert window_total(windows, entity, "flows_started") == n
+    return (f"{n} connections, {len(ends)} END records "
+            f"({sum(len(v) - 1 for v in by_event.values())} repeated, same flow_id and "
+            f"sequence; {len(by_event) - n} corrected by a later peer); container A sent "
+            f"{window_total(windows, A, 'bytes_out')}/{client_sent}, B sent "
+            f"{window_total(windows, B, 'bytes_out')}/{server_sent} in "
+            f"{len(tumbling(windows, A))}+{len(tumbling(windows, B))} windows")
+
+
 def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Settings,
                                                          tmp_path: Path) -> None:
     """Connections keep coming while a worker is killed (SIGKILL, its data dir lost) after a
@@ -599,10 +660,7 @@ def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Setting
     fixture = json.loads(FIXTURE.read_text())
     produce(s, fixture["meta"], int(time.time() * 1000) - fixture["origin_ms"])
     group = f"g{s.topic_prefix[:-1]}"
-    # windows wait for late activity longer than a takeover takes (Kafka's session timeout,
-    # then the new worker's start): then nothing replayed after it is late
-    tuning = {"PACKETLESS_WINDOW_GRACE": "45"}
-    worker = StreamWorker(s, group, tmp_path / "worker.log", tuning)
+    worker = StreamWorker(s, group, tmp_path / "worker.log", LONG_GRACE)
     readers = {x: Reader(s, x) for x in ("flows", "metrics.containers")}
     flows, windows = readers["flows"].records, readers["metrics.containers"].records
     pub = Publisher(s)
@@ -623,59 +681,14 @@ def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Setting
         assert left == 0 and pub.failed == 0, f"{left} raw records pending, {pub.failed} failed"
         assert killed_at is not None, "no END before the last connection"
         fresh = Settings(**{**s.__dict__, "data_dir": tmp_path / "fresh"})
-        worker = StreamWorker(fresh, group, tmp_path / "worker2.log", tuning)
+        worker = StreamWorker(fresh, group, tmp_path / "worker2.log", LONG_GRACE)
         worker.start()
-
-        def latest_ends() -> dict[str, dict[str, Any]]:
-            out: dict[str, dict[str, Any]] = {}
-            for f in flows:
-                if f["type"] == "END" and f["sequence"] >= out.get(f["flow_id"], f)["sequence"]:
-                    out[f["flow_id"]] = f
-            return out
-
-        def tumbling(entity: str) -> dict[int, dict[str, Any]]:
-            out = {}
-            for w in windows:  # a window emitted again after the crash: the latest counts
-                if (w["entity_type"], w["entity_id"]) == ("CONTAINER", entity) \
-                        and w["window_size_ms"] == w["window_step_ms"]:
-                    out[w["window_start_ms"]] = w
-            return out
-
-        def total(entity: str, name: str) -> int:
-            return sum(w[name] for w in tumbling(entity).values())
-
-        client_sent = sum(100 + i for i in range(n))
-        server_sent = sum(5000 + i for i in range(n))
-        wait_for(readers, lambda: len(latest_ends()) == n
-                 and total(A, "bytes_out") >= client_sent and total(B, "bytes_out") >= server_sent,
-                 240, worker)
+        wait_for(readers, lambda: load_settled(flows, windows, n), 240, worker)
         time.sleep(3)
         for r in readers.values():
             r.poll(1)
-        ends = [f for f in flows if f["type"] == "END"]
-        by_event: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for f in ends:
-            by_event.setdefault((f["flow_id"], f["sequence"]), []).append(f)
-        repeated = sum(len(v) - 1 for v in by_event.values())
-        corrected = len(by_event) - n
         print(f"\nsigkill under load: {produced} raw records, worker killed after {killed_at}; "
-              f"{n} connections, {len(ends)} END records ({repeated} repeated, same flow_id and "
-              f"sequence; {corrected} corrected by a later peer); container A sent "
-              f"{total(A, 'bytes_out')}/{client_sent} B sent {total(B, 'bytes_out')}/"
-              f"{server_sent} in {len(tumbling(A))}+{len(tumbling(B))} windows")
-        for same in by_event.values():  # a repeat is the same event: same id, same content
-            assert all({k: v for k, v in f.items() if k != "emitted_ms"}
-                       == {k: v for k, v in same[0].items() if k != "emitted_ms"} for f in same)
-        latest = latest_ends()
-        assert len(latest) == n
-        assert sorted((f["client_bytes"], f["server_bytes"]) for f in latest.values()) == [
-            (100 + i, 5000 + i) for i in range(n)]
-        assert all(f["client"]["container"]["id"] == A and f["server"]["container"]["id"] == B
-                   for f in latest.values())
-        for entity, sent, received in ((A, client_sent, server_sent),
-                                       (B, server_sent, client_sent)):
-            assert (total(entity, "bytes_out"), total(entity, "bytes_in")) == (sent, received)
-            assert total(entity, "flows_started") == n
+              f"{check_load(flows, windows, n)}")
         assert b"packetless_streams_late_activity_total 0.0" in worker.get("/metrics")
     finally:
         worker.stop()
