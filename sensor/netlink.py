@@ -32,6 +32,7 @@ from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
 from sensor import privileges
 from sensor.cgroups import CgroupResolver, ContainerRef
 from sensor.netns import Namespace, discover_namespaces, socket_in
+from sensor.owners import SocketOwners
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
@@ -124,26 +125,6 @@ class NetlinkOptions:
     unchanged_every: int = 12
     on_container: Callable[[str], object] | None = None
     proc: Path = Path("/proc")
-
-
-def socket_owners(proc: Path = Path("/proc")) -> dict[int, int]:
-    """Socket inode -> lowest pid holding it in a file descriptor, for readable /proc/<pid>/fd."""
-    owners: dict[int, int] = {}
-    pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
-    for pid in pids:
-        fd_dir = f"{proc}/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                owners.setdefault(int(target[8:-1]), pid)
-    return owners
 
 
 @dataclass(slots=True)
@@ -313,6 +294,7 @@ class NetlinkSensor:
         self._published: dict[int, tuple[Any, ...]] = {}  # cookie -> signature published
         self._count = 0
         self._containers_seen: set[str] = set()
+        self._owners = SocketOwners(options.proc)
         self._warned: set[str] = set()
         needed = ["CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"]
         if options.other_namespaces:
@@ -332,22 +314,23 @@ class NetlinkSensor:
         options = self.options
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
-        state = _Snapshot(socket_owners(options.proc))
         events: list[tuple[str, dict[str, Any]]] = []
         current: dict[int, tuple[int, dict[str, Any]]] = {}
-        dumped: set[int] = set()
+        dumps: list[tuple[Namespace, list[tuple[DiagMessage, str, str]]]] = []
         links: list[tuple[Namespace, dict[str, Any]]] = []
         self._count += 1
         every = max(1, options.unchanged_every)
         for namespace in namespaces.values():
             try:
-                messages = list(self._messages(namespace))
+                dumps.append((namespace, list(self._messages(namespace))))
                 if options.interfaces:
                     links += [(namespace, link) for link in self._links(namespace)]
             except OSError as error:
                 self._namespace_error(namespace, error)
-                continue
-            dumped.add(namespace.inode)
+        dumped = {namespace.inode for namespace, _ in dumps}
+        state = _Snapshot(self._owners.owners(
+            {msg.inode for _, messages in dumps for msg, _, _ in messages if msg.inode}))
+        for namespace, messages in dumps:
             for msg, transport, family in messages:
                 # Records are built only for sockets published now: most are idle.
                 pid = state.owners.get(msg.inode) if msg.inode else None

@@ -1,0 +1,69 @@
+"""Socket owners from /proc kept between snapshots (sensor/owners.py): descriptor numbers and
+pids get reused, and the owners must stay right; on a /proc tree made here, then the real one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from sensor.owners import SocketOwners
+
+
+class FakeProc:
+    """A /proc with processes (stat start time, fd links) written by the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def process(self, pid: int, start: int, fds: dict[int, str]) -> None:
+        base = self.root / str(pid)
+        shutil.rmtree(base, ignore_errors=True)
+        (base / "fd").mkdir(parents=True)
+        fields = ["S"] + ["0"] * 18 + [str(start)] + ["0"] * 20
+        (base / "stat").write_text(f"{pid} (a (b) c) {' '.join(fields)}\n")
+        for fd, target in fds.items():
+            self.link(pid, fd, target)
+
+    def link(self, pid: int, fd: int, target: str) -> None:
+        path = self.root / str(pid) / "fd" / str(fd)
+        path.unlink(missing_ok=True)
+        os.symlink(target, path)
+
+
+def test_owners_follow_reused_descriptors_and_pids(tmp_path: Path) -> None:
+    proc = FakeProc(tmp_path)
+    proc.process(10, 500, {0: "/dev/null", 3: "socket:[100]", 4: "socket:[300]"})
+    proc.process(20, 600, {5: "socket:[200]", 6: "socket:[300]"})
+    owners = SocketOwners(tmp_path)
+    assert owners.owners({100, 200, 300}) == {100: 10, 200: 20, 300: 10}
+    assert owners.owners({100, 200, 300}) == {100: 10, 200: 20, 300: 10}
+    # socket 100 closed and its descriptor number reused: read again, no full read needed
+    proc.link(10, 3, "socket:[101]")
+    assert owners.owners({101, 200, 300})[101] == 10 and owners.full_reads == 0
+    # a descriptor reused while its old socket lives on elsewhere: the new one is unknown
+    # until a full read, which also finds that pid 10 no longer holds 300
+    proc.link(10, 4, "socket:[400]")
+    assert owners.owners({101, 200, 300, 400}) == {101: 10, 200: 20, 300: 20, 400: 10}
+    assert owners.full_reads == 1
+    # pid 20 exited and another process got its pid (its socket 200 lives on in pid 10):
+    # nothing read of the old process is kept, no full read needed
+    proc.link(10, 7, "socket:[200]")
+    proc.process(20, 900, {5: "socket:[500]"})
+    assert owners.owners({101, 200, 400, 500}) == {101: 10, 200: 10, 400: 10, 500: 20}
+    assert owners.full_reads == 1
+    # a socket nobody holds (a kernel socket): one full read, not one per snapshot
+    reads = owners.full_reads
+    for _ in range(3):
+        assert 999 not in owners.owners({101, 200, 400, 500, 999})
+    assert owners.full_reads == reads + 1
+
+
+def test_owner_of_a_real_socket() -> None:
+    with socket.socket() as sock:
+        inode = os.fstat(sock.fileno()).st_ino
+        owners = SocketOwners()
+        assert owners.owners({inode})[inode] == os.getpid()
+        assert owners.owners({inode})[inode] == os.getpid()
+    assert inode not in SocketOwners().owners(set())
