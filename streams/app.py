@@ -632,7 +632,7 @@ class Worker:
                         self.metrics.errors.labels("windows").inc()
                         log.exception("windows: cannot process %r", item)
             writes = [(event, key, _json({"partition": event.message.partition,
-                                          "state": state.to_dict()}) if state else None)
+                                          "state": state.to_dict()}) if state is not None else None)
                       for key, (event, state) in changed.items()
                       if state is not None or self.entities.get(key) is not None]
             await self.outputs.flush()

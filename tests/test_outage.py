@@ -24,11 +24,22 @@ from confluent_kafka import Producer
 
 from deploy import broker, registry, stack
 from packetless.config import Settings
-from packetless.kafka import Publisher, consumer, ensure_topics
+from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
 from packetless.serde import Codec
 from packetless.spool import Spool, SpoolError, SpoolRecord
 from packetless.topics import topic_name
 from tests.conftest import start_stack
+from tests.test_streams_kafka import (
+    FIXTURE,
+    LONG_GRACE,
+    Reader,
+    StreamWorker,
+    check_load,
+    connections,
+    load_settled,
+    produce,
+    wait_for,
+)
 
 SUFFIX = "flows.ecs"  # JSON: the registry plays no part here
 KEYS = 16
@@ -346,19 +357,6 @@ def test_stream_worker_rides_out_broker_and_registry_restarts(private_stack: sta
     and the registry are killed and started again under a running stream worker: the worker
     keeps going, every connection ends, once each (a repeated END is the same event), exactly,
     and the container windows add up to exactly the bytes sent."""
-    from packetless.kafka import ensure_schemas
-    from tests.test_streams_kafka import (
-        FIXTURE,
-        LONG_GRACE,
-        Reader,
-        StreamWorker,
-        check_load,
-        connections,
-        load_settled,
-        produce,
-        wait_for,
-    )
-
     base = private_stack.options.settings
     s = Settings(**{**base.__dict__, "topic_prefix": f"wo{os.getpid()}.",
                     "data_dir": tmp_path / "data"})
