@@ -1,16 +1,16 @@
-"""The eBPF half of the sensor: loads bpf/flows.c with bcc, attaches it to the cgroup2 root and
-turns its ring-buffer events and in-kernel counters into ``raw.ebpf`` records (schema
-``packetless.EbpfEvent``): START/END/FAILURE per TCP connection and UDP peer, with UPDATEs.
+"""The eBPF half of the sensor: loads bpf/flows.c (compiled by bcc in a child process, see
+sensor/bpfload.py), attaches it to the cgroup2 root and turns its ring-buffer events and
+in-kernel counters into ``raw.ebpf`` records (schema ``packetless.EbpfEvent``): START/END/FAILURE
+per TCP connection and UDP peer, with UPDATEs.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
-import errno
 import hashlib
+import importlib.util
 import logging
 import os
-import re
 import socket
 import struct
 import threading
@@ -18,18 +18,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import schemas
-from sensor import privileges
+from sensor import bpfload, privileges
 from sensor.cgroups import CgroupResolver, cgroup2_root, container_from_cgroup_path
 from sensor.netns import NetnsCookies
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
-# bcc's compiler (clang/LLVM in libbcc) is not thread-safe: one BPF() at a time per process.
-COMPILE_LOCK = threading.Lock()
 
 SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "flows.c"
 TOPIC = "raw.ebpf"
@@ -60,10 +59,12 @@ ADDRESS_CACHE = 4096
 HANDLE_CHUNK = 1024  # events handled between two reads of the ring buffer
 BACKLOG_MAX = 262144  # events read ahead of handling at most (about 50 MB)
 ENDED_MEMORY = 4096  # TCP cookies remembered after END, to drop a START that raced it
-MADV_PAGEOUT = 21
-COMPILER_LIBRARIES = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
 HASH_MAPS = ("tcp_flows", "udp_flows", "owners", "sk_cookie", "listeners")
-COUNT_CHUNK = 4096  # entries per batch when counting a map's entries
+MAPS = ("events", "drops", "config", *HASH_MAPS)
+# the cgroup programs: (function, program type, attach type), kernel UAPI numbers (enum
+# bpf_prog_type: CGROUP_SKB 8, CGROUP_SOCK 9, SOCK_OPS 13; enum bpf_attach_type)
+CGROUP_PROGRAMS = (("sock_create", 9, 2), ("sock_release", 9, 34), ("sock_ops", 13, 3),
+                   ("skb_egress", 8, 1), ("skb_ingress", 8, 0))
 UdpKey = tuple[int, bytes, int, int]  # cookie, remote address (16 bytes), remote port, family
 
 
@@ -147,21 +148,29 @@ class EbpfOptions:
 
 @dataclass(slots=True)
 class Live:
-    """What user space remembers of a flow between its START and END; ``fields`` are the
-    record fields of the flow that do not change during its life (the owner's are shared)."""
+    """What user space remembers of a flow between its START and END (one per socket, so kept
+    small: no per-flow dict or text): the record fields that do not change during its life
+    (``FIXED``; strings and the owner's fields are shared between flows), what was reported."""
 
+    cookie: int
+    start_ns: int
+    transport: str
+    family: str
+    role: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
     owner: dict[str, Any] | None  # the owner's record fields (see _owner)
-    fields: dict[str, Any]
-    key: str  # the Kafka key of its records
-    id_text: str  # event_id text from the cookie to the event's type
     reported: tuple[int, ...] = ()
     reported_ns: int = 0
     retrans: int = 0
     missing: bool = False  # gone from the kernel map at the previous scan
 
-    @property
-    def start_ns(self) -> int:
-        return self.fields["start_ns"]
+
+FIXED = ("cookie", "start_ns", "transport", "family", "role", "local_ip", "local_port",
+         "remote_ip", "remote_port")
+_fixed = attrgetter(*FIXED)
 
 
 def available() -> tuple[bool, str]:
@@ -169,11 +178,13 @@ def available() -> tuple[bool, str]:
     lacking = privileges.ebpf_missing()
     if lacking:
         return False, f"missing capabilities {', '.join(lacking)} (run as root or grant them)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError as error:
-        return False, f"bcc is not importable ({error}); apt-get install python3-bpfcc and " \
+    if importlib.util.find_spec("bcc") is None:  # not imported here: it loads LLVM
+        return False, "bcc is not importable; apt-get install python3-bpfcc and " \
                       "expose /usr/lib/python3/dist-packages/bcc to this Python"
+    try:
+        bpfload.libbpf()
+    except OSError as exc:
+        return False, f"libbpf cannot be loaded ({exc}): apt-get install libbpf1"
     build = Path("/lib/modules") / os.uname().release / "build"
     if not (build / "include").is_dir():
         return False, f"no kernel headers at {build}: apt-get install linux-headers-amd64 and " \
@@ -244,45 +255,46 @@ class EbpfSensor:
         self._cgroup_fd = -1
         self._boot_offset = 0
         self._sync_clock()
-        self.bpf: Any = None
+        self.loaded: bpfload.Loaded | None = None
+        self.maps: dict[str, bpfload.BpfMap] = {}
+        self._ring: bpfload.RingBuffer | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Compile bpf/flows.c and attach its programs (tracepoints attach on compile)."""
-        from bcc import BPF, BPFAttachType
-
+        """Compile bpf/flows.c in a child process (its tracepoint programs attach there) and
+        attach the cgroup programs it loaded."""
         o = self.options
         cflags = [f"-DRINGBUF_PAGES={o.ring_buffer_pages}", f"-DTCP_ENTRIES={o.tcp_entries}",
                   f"-DUDP_ENTRIES={o.udp_entries}", f"-DOWNER_ENTRIES={o.owner_entries}",
                   "-Wno-unused-function"]
-        with COMPILE_LOCK:
-            self.bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        programs = tuple(bpfload.Program(*p) for p in CGROUP_PROGRAMS)
+        self.loaded = bpfload.load(SOURCE, cflags, MAPS, programs)
+        self.maps = self.loaded.maps
         if o.state_events:
-            self.bpf[b"config"][ct.c_int(0)] = ct.c_uint64(C_STATE_EVENTS)
+            self.maps["config"].update(ct.c_int(0), ct.c_uint64(C_STATE_EVENTS))
         self._cgroup_fd = os.open(o.cgroup_root or cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
-        programs = (("sock_create", BPF.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_CREATE),
-                    ("sock_release", BPF.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_RELEASE),
-                    ("sock_ops", BPF.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
-                    ("skb_egress", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_EGRESS),
-                    ("skb_ingress", BPF.CGROUP_SKB, BPFAttachType.CGROUP_INET_INGRESS))
-        for name, prog_type, attach_type in programs:
-            fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
-            self._links.append(_cgroup_link(fn.fd, self._cgroup_fd, attach_type))
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
-        release_compiler_memory()
+        for name, _prog_type, attach_type in CGROUP_PROGRAMS:
+            self._links.append(bpfload.cgroup_link(self.loaded.programs[name], self._cgroup_fd,
+                                                   attach_type))
+        self._ring = bpfload.RingBuffer(self.maps["events"], self._on_event)
 
     def close(self) -> None:
-        """Detach every program (close its link) and free the maps."""
+        """Detach every program (close its link and the tracepoints' perf events) and free
+        the maps."""
         for link in self._links:
             os.close(link)
         self._links.clear()
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
+            self.maps = {}
 
     def run(self, stop: threading.Event) -> None:
         """Poll events and scan counters until ``stop`` is set, then report the drops."""
@@ -309,8 +321,8 @@ class EbpfSensor:
     # ---- events ----------------------------------------------------------------------------
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> int:
-        # called from inside bcc's poll (a ctypes callback that swallows exceptions): copy only;
-        # return an int (bcc converts the result with int(), and raising per event is slow)
+        # called from inside libbpf's poll (a ctypes callback: an exception would only be
+        # printed): copy only
         self._pending.append(ct.string_at(data, EVENT.size))
         return 0
 
@@ -320,12 +332,13 @@ class EbpfSensor:
         Between chunks the ring buffer is drained into memory (a backlog handled by the next
         poll), so that a slow moment of user space delays events instead of losing them.
         """
-        self.bpf.ring_buffer_poll(0 if self._pending else timeout_ms)
+        assert self._ring is not None, "load() first"
+        self._ring.poll(0 if self._pending else timeout_ms)
         pending, self._pending = self._pending, []
         make = Event._make
         for start in range(0, len(pending), HANDLE_CHUNK):
             if start and len(self._pending) < BACKLOG_MAX:
-                self.bpf.ring_buffer_consume()
+                self._ring.consume()
             for values in EVENT.iter_unpack(b"".join(pending[start:start + HANDLE_CHUNK])):
                 self._handle(make(values))
         return len(pending)
@@ -352,11 +365,8 @@ class EbpfSensor:
         """A followed flow with the fixed part of its records built once."""
         fam, local = self._address(laddr, family)
         _, remote = self._address(raddr, family)
-        fields = {"cookie": cookie, "start_ns": start_ns, "transport": transport, "family": fam,
-                  "role": ROLES[role], "local_ip": local, "local_port": lport,
-                  "remote_ip": remote, "remote_port": rport}
-        return Live(owner, fields, f"{self.options.host_name}:{cookie}",
-                    f"{cookie}|{remote}:{rport}|")
+        return Live(cookie, start_ns, transport, fam, ROLES[role], local, lport, remote, rport,
+                    owner)
 
     def _live_of(self, transport: str, ev: Event) -> Live:
         return self._live(transport, ev.cookie, self._ns(ev.start_ns), ev.role, ev.family,
@@ -406,19 +416,19 @@ class EbpfSensor:
         self._udp_by_cookie.setdefault(key[0], set()).add(key)
 
     def _udp_release(self, ev: Event) -> None:
-        table = self.bpf[b"udp_flows"]
+        table = self.maps["udp_flows"]
         for key in self._udp_by_cookie.pop(ev.cookie, set()):
             live = self._udp.pop(key)
             if live.owner is None and ev.owner_pid:
                 live.owner = self._owner(ev[OWNER])
-            value = _take(table, self._udp_key(table, key))
+            value = table.take(self._udp_key(table, key))
             if value is None:
                 continue
             self._emit("END", key[0], live, self._ns(ev.ts_ns), counters=_udp_counters(value),
                        reason="SOCKET_CLOSED")
 
     @staticmethod
-    def _udp_key(table: Any, key: UdpKey) -> Any:
+    def _udp_key(table: bpfload.BpfMap, key: UdpKey) -> Any:
         ckey = table.Key()
         ckey.cookie = key[0]
         ct.memmove(ckey.raddr, key[1], 16)
@@ -440,7 +450,7 @@ class EbpfSensor:
     def _scan_tcp(self, now: int, interval: int) -> None:
         seen: set[int] = set()
         read: dict[int, int] | None = None  # bytes read by applications, by socket cookie
-        for key, f in _items(self.bpf[b"tcp_flows"]):
+        for key, f in self.maps["tcp_flows"].items():
             cookie = int(key)  # batch lookups give plain ints for integer keys
             seen.add(cookie)
             live = self._tcp.get(cookie)
@@ -453,7 +463,7 @@ class EbpfSensor:
             if not due and f.retrans <= live.retrans:
                 continue
             if read is None:
-                read = {info.cookie: info.rx for _, info in _items(self.bpf[b"sk_cookie"])}
+                read = {info.cookie: info.rx for _, info in self.maps["sk_cookie"].items()}
             counters = _flow_counters(f, read.get(cookie, 0))
             if f.retrans > live.retrans:
                 live.retrans = f.retrans
@@ -472,9 +482,8 @@ class EbpfSensor:
 
     def _owner_of(self, cookie: int) -> dict[str, Any] | None:
         """The owner the kernel recorded for a socket, for flows whose event did not carry it."""
-        try:
-            o = self.bpf[b"owners"][ct.c_uint64(cookie)]
-        except KeyError:
+        o = self.maps["owners"].lookup(ct.c_uint64(cookie))
+        if o is None:
             return None
         return self._owner(tuple(getattr(o, name) for name in Owner._fields))
 
@@ -488,9 +497,9 @@ class EbpfSensor:
         return live
 
     def _scan_udp(self, now: int, interval: int) -> None:
-        table = self.bpf[b"udp_flows"]
+        table = self.maps["udp_flows"]
         idle = int(self.options.udp_idle_timeout_s * 1e9)
-        for ckey, value in _items(table):
+        for ckey, value in table.items():
             key = (ckey.cookie, bytes(ckey.raddr), ckey.rport, ckey.family)
             live = self._udp.get(key)
             if live is None:  # its START event was lost
@@ -505,7 +514,7 @@ class EbpfSensor:
             if now - self._ns(value.last_ns) >= idle:
                 self._udp.pop(key, None)
                 self._udp_by_cookie.get(key[0], set()).discard(key)
-                value = _take(table, ckey)  # with what came since the map was read
+                value = table.take(ckey)  # with what came since the map was read
                 if value is None:
                     continue
                 self._emit("END", key[0], live, self._ns(value.last_ns),
@@ -514,8 +523,8 @@ class EbpfSensor:
                 self._emit("UPDATE", key[0], live, now, counters=counters)
 
     def _report_drops(self, now: int, always: bool) -> None:
-        table = self.bpf[b"drops"]
-        drops = tuple(int(table.sum(i).value) for i in range(len(DROP_FIELDS)))
+        table = self.maps["drops"]
+        drops = tuple(table.sum(ct.c_int(i)) for i in range(len(DROP_FIELDS)))
         if drops == self._drops and not always:
             return
         if any(d > p for d, p in zip(drops, self._drops, strict=True)):
@@ -529,7 +538,7 @@ class EbpfSensor:
 
     def map_fill(self) -> dict[str, float]:
         """Entries / max_entries of each BPF hash map (near 1: new sockets go untracked)."""
-        return {name: _count(self.bpf[name.encode()]) / self.bpf[name.encode()].max_entries
+        return {name: self.maps[name].count() / self.maps[name].max_entries
                 for name in HASH_MAPS}
 
     @property
@@ -593,12 +602,13 @@ class EbpfSensor:
               counters: tuple[int, ...] = (), rtt: tuple[int, int, int] | None = None,
               **extra: Any) -> None:
         record = self._template.copy()
-        record.update(live.fields)
+        record.update(zip(FIXED, _fixed(live), strict=True))
         if live.owner is not None:
             record.update(live.owner)
         record["type"] = kind
         record["timestamp_ns"] = ts
-        record["event_id"] = self._event_id(live.id_text + kind, ts)
+        record["event_id"] = self._event_id(
+            f"{live.cookie}|{live.remote_ip}:{live.remote_port}|{kind}", ts)
         if kind != "START":
             record["duration_ns"] = max(0, ts - live.start_ns)
         if counters:
@@ -611,7 +621,7 @@ class EbpfSensor:
             record["srtt_us"], record["rttvar_us"], record["retransmits"] = rtt
         if extra:
             record.update(extra)
-        self.publish(TOPIC, live.key, record)
+        self.publish(TOPIC, f"{self.options.host_name}:{live.cookie}", record)
 
 
 def _flow_counters(f: Any, read: int) -> tuple[int, ...]:
@@ -628,74 +638,6 @@ def _rtt(f: Any) -> tuple[int, int, int]:
 
 def _udp_counters(v: Any) -> tuple[int, ...]:
     return (v.tx_bytes, v.rx_bytes, v.tx_pkts, v.rx_pkts)
-
-
-def release_compiler_memory() -> None:
-    """Give back what compiling cost once the programs are loaded (RSS about 150 -> 60 MiB):
-    the compiler's freed heap (malloc_trim) and the resident pages of LLVM's and clang's
-    libraries (MADV_PAGEOUT, Linux 5.4+: a hint; a page used again is read back in)."""
-    libc = ct.CDLL("libc.so.6", use_errno=True)
-    libc.malloc_trim(0)
-    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) > 5 and COMPILER_LIBRARIES.search(fields[5]):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                libc.madvise(start, end - start, MADV_PAGEOUT)  # refused on old kernels: kept
-
-
-def _cgroup_link(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
-    """Attach a program to a cgroup through a bpf_link (libbpf, which bcc itself loads).
-
-    Unlike BPF_PROG_ATTACH, a link goes away with its last file descriptor, so a sensor that
-    dies (even by SIGKILL) leaves nothing attached; links also coexist with other programs
-    on the same cgroup (another sensor, systemd) like BPF_F_ALLOW_MULTI.
-    """
-    libbpf = ct.CDLL("libbpf.so.1", use_errno=True)
-    libbpf.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
-    fd = libbpf.bpf_link_create(prog_fd, cgroup_fd, attach_type, None)
-    if fd < 0:
-        raise OSError(-fd, f"bpf_link_create (attach type {attach_type}): {os.strerror(-fd)}")
-    return fd
-
-
-def _count(table: Any) -> int:
-    """Entries of a BPF hash map: batch lookups into one small reused buffer, no per-entry
-    Python work (bcc's own batch reads allocate max_entries and build every pair)."""
-    from bcc.libbcc import lib
-
-    keys, values = (table.Key * COUNT_CHUNK)(), (table.Leaf * COUNT_CHUNK)()
-    token, count = ct.c_uint32(0), ct.c_uint32(0)
-    total, first = 0, True
-    while True:
-        count.value = COUNT_CHUNK
-        res = lib.bpf_lookup_batch(table.map_fd, None if first else ct.byref(token),
-                                   ct.byref(token), ct.byref(keys), ct.byref(values),
-                                   ct.byref(count))
-        error = ct.get_errno()
-        total += count.value
-        if res != 0:
-            if error == errno.ENOENT:  # the end of the map
-                return total
-            raise OSError(error, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(error)}")
-        first = False
-
-
-def _take(table: Any, key: Any) -> Any:
-    """Read and delete one entry of a hash map in one step (None if it is gone): nothing a
-    program adds between a read and a delete is lost."""
-    from bcc.libbcc import lib
-
-    value = table.Leaf()
-    if lib.bpf_lookup_and_delete(table.map_fd, ct.byref(key), ct.byref(value)) < 0:
-        return None
-    return value
-
-
-def _items(table: Any) -> list[tuple[Any, Any]]:
-    """All entries of a BPF hash map, read in batches (few syscalls for many flows)."""
-    return list(table.items_lookup_batch())
 
 
 def run(publish: Callable[[str, str, dict[str, Any]], None], stop: threading.Event,

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from sensor.ebpf import COMPILE_LOCK
+from sensor import bpfload
 from sensor.processes import LineageScanner, ProcessCache, ProcessOptions, process_event
 
 log = logging.getLogger(__name__)
@@ -64,23 +64,24 @@ class LineageFeed:
         self._pending: list[ProcessEventStruct] = []
         self._alive: dict[int, dict[str, Any]] = {}
         self._boot_offset_ns = time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        self.bpf: Any = None
+        self.loaded: bpfload.Loaded | None = None
+        self._ring: bpfload.RingBuffer | None = None
 
     def load(self) -> None:
-        """Compile and attach (tracepoints attach on compile)."""
-        from bcc import BPF
-
+        """Compile in a child process (sensor/bpfload.py), where the tracepoints attach."""
         o = self.options
-        with COMPILE_LOCK:
-            self.bpf = BPF(src_file=str(SOURCE).encode(),
-                           cflags=[f"-DRINGBUF_PAGES={o.ring_buffer_pages}",
-                                   f"-DPARENT_ENTRIES={o.parent_entries}"])
-        self.bpf[b"process_events"].open_ring_buffer(self._on_event)
+        self.loaded = bpfload.load(SOURCE, [f"-DRINGBUF_PAGES={o.ring_buffer_pages}",
+                                            f"-DPARENT_ENTRIES={o.parent_entries}"],
+                                   ("process_events", "drops"), ())
+        self._ring = bpfload.RingBuffer(self.loaded.maps["process_events"], self._on_event)
 
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
 
     def running(self) -> None:
         """Publish every process already running as RUNNING (the lineage's starting point)."""
@@ -89,19 +90,21 @@ class LineageFeed:
             self._alive[event["process"]["pid"]] = event["process"]
             self.publish("meta.processes", key, event)
 
-    def _on_event(self, _ctx: Any, data: Any, _size: int) -> None:
-        # a ctypes callback inside bcc's poll, which swallows exceptions: copy only
+    def _on_event(self, _ctx: Any, data: Any, _size: int) -> int:
+        # a ctypes callback inside libbpf's poll: copy only
         event = ProcessEventStruct()
         ct.memmove(ct.addressof(event), data, ct.sizeof(ProcessEventStruct))
         self._pending.append(event)
+        return 0
 
     def poll(self, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for kernel events, publish them, report ring losses."""
-        self.bpf.ring_buffer_poll(timeout_ms)
+        assert self._ring is not None and self.loaded is not None, "load() first"
+        self._ring.poll(timeout_ms)
         pending, self._pending = self._pending, []
         for event in pending:
             self._handle(event)
-        lost = self.bpf[b"drops"][ct.c_int(0)].value
+        lost = self.loaded.maps["drops"].lookup(ct.c_int(0)).value
         if lost > self.lost:
             log.warning("process lineage: %d exec/exit events lost (ring buffer full; raise "
                         "the ring buffer size)", lost - self.lost)

@@ -219,8 +219,9 @@ def test_deploy_manifests_grant_the_documented_set() -> None:
 
 
 def test_no_shell_outs() -> None:
-    """No shell anywhere in sensor/ and packetless/; the only subprocess is doctor's bpftool
-    with a fixed argument list (nothing observed on the host reaches a command line)."""
+    """No shell anywhere in sensor/ and packetless/; the only subprocesses are doctor's bpftool
+    and the sensor's BPF loader (our own module), with fixed argument lists (nothing observed
+    on the host reaches a command line)."""
     callers: dict[str, list[str]] = {}
     for path in sorted([*(REPO / "sensor").glob("*.py"), *(REPO / "packetless").glob("*.py")]):
         where = str(path.relative_to(REPO))
@@ -238,7 +239,9 @@ def test_no_shell_outs() -> None:
                         ), f"{where}:{node.lineno}: os.{name}"
             if module == "subprocess":
                 callers.setdefault(where, []).append(ast.unparse(node.args[0]))
-    assert callers == {"packetless/doctor.py": ["[bpftool, 'feature', 'probe', 'kernel']"]}
+    assert callers == {"packetless/doctor.py": ["[bpftool, 'feature', 'probe', 'kernel']"],
+                       "sensor/bpfload.py": ["[sys.executable, '-m', 'sensor.bpfload', "
+                                             "str(theirs.fileno())]"]}
 
 
 def test_missing_capabilities(tmp_path: Path) -> None:

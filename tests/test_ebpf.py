@@ -7,6 +7,8 @@ published records are collected; each test finds its own flows by port and pid.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
 import os
 import shutil
 import socket
@@ -25,7 +27,7 @@ import fastavro.validation
 import pytest
 
 import schemas
-from sensor import ebpf
+from sensor import bpfload, ebpf
 from sensor.cgroups import cgroup2_root
 from tests.support.capabilities import require, require_root
 
@@ -285,6 +287,88 @@ def test_end_reasons() -> None:
 def test_available_explains() -> None:
     ok, why = ebpf.available()
     assert isinstance(ok, bool) and why
+
+
+def test_layouts_survive_their_description() -> None:
+    """bcc's ctypes layouts travel from the loader child as JSON: rebuilt, every field keeps
+    its offset and size (arrays, nested, packed and anonymous members)."""
+    class Inner(ctypes.Union):
+        _fields_ = [("a", ctypes.c_uint32), ("b", ctypes.c_uint8 * 3)]
+
+    class Packed(ctypes.Structure):
+        _pack_ = 1
+        _fields_ = [("x", ctypes.c_uint8), ("y", ctypes.c_uint64)]
+
+    class Outer(ctypes.Structure):
+        _anonymous_ = ("u",)
+        _fields_ = [("cookie", ctypes.c_uint64), ("addr", ctypes.c_uint32 * 4),
+                    ("comm", ctypes.c_char * 16), ("u", Inner), ("p", Packed),
+                    ("flags", ctypes.c_uint16, 3)]
+
+    rebuilt = bpfload.rebuild(json.loads(json.dumps(bpfload.describe(Outer))))
+    assert ctypes.sizeof(rebuilt) == ctypes.sizeof(Outer)
+    for name, *_ in Outer._fields_:
+        original, copy = getattr(Outer, name), getattr(rebuilt, name)
+        assert (copy.offset, copy.size) == (original.offset, original.size), name
+    assert ctypes.sizeof(bpfload.rebuild(bpfload.describe(Packed))) == 9
+    value = rebuilt(cookie=7, comm=b"nc")
+    value.a = 0x01020304
+    assert (value.cookie, value.comm, list(value.b)) == (7, b"nc", [4, 3, 2])
+    assert bpfload.rebuild(bpfload.describe(ctypes.c_uint64)) is ctypes.c_uint64
+
+
+def test_compile_error_reaches_the_caller(tmp_path: Path) -> None:
+    """A source bcc cannot compile: the loader child's error, with clang's diagnostic, is the
+    caller's exception."""
+    require_root()
+    ok, why = ebpf.available()
+    require(ok, why)
+    source = tmp_path / "broken.c"
+    source.write_text("int broken(void *ctx) { return undeclared_name_42; }\n")
+    with pytest.raises(bpfload.LoadError, match="undeclared_name_42") as raised:
+        bpfload.load(source, [], (), ())
+    assert "broken.c" in str(raised.value)
+
+
+def _programs_using(map_ids: set[int]) -> set[int]:
+    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    return {p["id"] for p in json.loads(shown) if map_ids & set(p.get("map_ids", ()))}
+
+
+def test_compiled_in_a_child_and_close_detaches_everything() -> None:
+    """The sensor's process never maps bcc or LLVM (a child compiles and hands the maps and
+    programs over); the programs using its maps, cgroup and tracepoint ones, stay loaded only
+    as long as the sensor holds them: once closed, none is left."""
+    require_root()
+    ok, why = ebpf.available()
+    require(ok, why)
+    require(shutil.which("bpftool") is not None, "bpftool (apt-get install bpftool)")
+
+    def libraries() -> set[str]:
+        return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if ".so" in line}
+
+    mapped_before = libraries()
+    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"), Collector().publish)
+    sensor.load()
+    try:
+        new = libraries() - mapped_before
+        map_ids = {int(line.split()[1])
+                   for m in sensor.maps.values()
+                   for line in Path(f"/proc/self/fdinfo/{m.fd}").read_text().splitlines()
+                   if line.startswith("map_id:")}
+        programs = _programs_using(map_ids)
+    finally:
+        sensor.close()
+    assert not [lib for lib in new if "LLVM" in lib or "clang" in lib or "libbcc" in lib], new
+    assert len(map_ids) == len(ebpf.MAPS)
+    # 5 cgroup programs and the tracepoints (sock_send_length, sock_recv_length, ...)
+    assert len(programs) >= len(ebpf.CGROUP_PROGRAMS) + 3, programs
+    deadline = time.monotonic() + 10  # programs are freed after an RCU grace period
+    while _programs_using(map_ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _programs_using(map_ids)
 
 
 # ---- TCP --------------------------------------------------------------------------------
