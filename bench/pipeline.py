@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
-from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 
 import schemas
 from bench import traffic
@@ -30,7 +30,6 @@ from bench.stack import (
     start,
     wait_caught_up,
 )
-from packetless.kafka import Publisher
 from packetless.serde import Codec
 from packetless.topics import TOPICS, topic_name
 
@@ -40,9 +39,13 @@ HOST = "bench-synthetic"
 # ---- 3b: worker throughput ---------------------------------------------------------------
 
 def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
-    """START and END of both sockets (client, server) of ``n_flows`` flows, as raw.ebpf records."""
+    """START and END of both sockets (client, server) of ``n_flows`` flows, as raw.ebpf records,
+    each with its process as the sensor attributes it."""
     base = schemas.defaults("EbpfEvent")
     now = time.time_ns()
+    process = {**schemas.defaults("Process"), "tid": 0, "uid": 1000, "gid": 1000,
+               "user_name": "bench", "group_name": "bench", "ppid": 1, "parent_name": "init",
+               "start_time_ms": now // 1_000_000, "cgroup_id": 1, "cgroup_path": "/"}
     out = []
     for i in range(n_flows):
         cport, sport = 32768 + i % 28000, 8000 + i // 28000
@@ -58,7 +61,10 @@ def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
                            family="ipv4", role=side, local_ip=lip, local_port=lport,
                            remote_ip=rip, remote_port=rport, bytes_sent=100 + i,
                            bytes_received=200 + i, packets_sent=3, packets_received=3,
-                           state="CLOSE" if kind == "END" else "ESTABLISHED")
+                           state="CLOSE" if kind == "END" else "ESTABLISHED",
+                           process={**process, "pid": 1000 + cookie % 2, "tid": 1000 + cookie % 2,
+                                    "comm": side.lower(), "exe": f"/usr/bin/{side.lower()}",
+                                    "args": [f"/usr/bin/{side.lower()}", "--port", str(sport)]})
                 if kind == "END":
                     rec.update(duration_ns=ts - now, reason="CLOSED", previous_state="FIN_WAIT2")
                 out.append((f"{HOST}:{cookie}", rec))
@@ -98,14 +104,29 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
     try:
         offsets = Offsets(stack.settings)
         records = synthetic(n_flows)
-        publisher = Publisher(stack.settings)
-        worker_proc = stack.process("streams")
-        cpu0 = sum(worker_proc.cpu_times()[:2])
+        codec = Codec(stack.settings)
         t0 = time.monotonic()
-        for key, rec in records:
-            publisher.send("raw.ebpf", key, rec)
-        publisher.flush(120)
-        produced_s = time.monotonic() - t0
+        encoded = [(key, codec.encode("raw.ebpf", rec)) for key, rec in records]
+        encode_s = time.monotonic() - t0
+        producer = Producer(stack.settings.kafka_config())
+        topic = topic_name(stack.settings, "raw.ebpf")
+        worker_proc = stack.process("streams")
+        # the records wait on the topic while the worker is stopped (well within its 10 s
+        # session timeout): it then reads a backlog, at its own pace, not the producer's
+        worker_proc.suspend()
+        try:
+            for key, value in encoded:
+                while True:
+                    try:
+                        producer.produce(topic, value, key)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.flush(120)
+        finally:
+            cpu0 = sum(worker_proc.cpu_times()[:2])
+            worker_proc.resume()
+        t0 = time.monotonic()
         limit = 300 if quick else 600
         wait_caught_up(stack, limit, backlog=1)  # every raw record read (the lag is 0)
         outputs, grew, settled = offsets.settle("flows", quiet_s=10, max_s=limit)
@@ -128,12 +149,13 @@ def worker_rate(run_dir: Path, quick: bool) -> Item:
     item.targets.append((f"none set; the worker reads {fmt(worker, 0)} records/s, "
                          f"{fmt(worker / bare if bare else None, 3)} of the bare consumer", None))
     item.notes.append(f"{n_flows} synthetic flows, both sockets, START and END: {n} records "
-                      f"produced in {produced_s:.1f} s through packetless.kafka.Publisher; the "
-                      f"worker wrote {outputs} flow events (expected {2 * n_flows}: START and "
-                      f"END per flow){'' if settled else ', still growing at the time limit'}; "
-                      "its time runs from the first record produced to the last flow event "
-                      "(includes the 2 s END grace), once its lag on raw.ebpf is 0 and its "
-                      "output stopped growing for 10 s; consumer lag at the end: "
+                      f"(Avro-encoded by packetless.serde.Codec beforehand, {encode_s:.1f} s), "
+                      "produced while the worker process was stopped (SIGSTOP, then SIGCONT); "
+                      f"the worker wrote {outputs} flow events (expected {2 * n_flows}: START "
+                      f"and END per flow){'' if settled else ', still growing at the time limit'}"
+                      "; its time runs from SIGCONT to the last flow event, once its lag on "
+                      "raw.ebpf is 0 and its output stopped growing for 10 s (an END is due at "
+                      "once when both sockets closed); consumer lag at the end: "
                       f"{fmt(lag, 0)}; the worker used {worker_cpu:.1f} CPU s meanwhile: "
                       f"{n / worker_cpu if worker_cpu else 0:,.0f} records per CPU second")
     return item

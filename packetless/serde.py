@@ -60,15 +60,23 @@ def _plan(record: dict[str, Any], named: dict[str, dict[str, Any]]) -> Plan:
 
 
 def _named(plan: Plan, value: Any) -> Any:
+    """``value`` with the planned unions named; the caller's dicts are left alone (copied only
+    where something is named)."""
     if not isinstance(value, dict):
         return value
-    out = dict(value)
+    out = None
     for name, branch, inner in plan:
         item = value.get(name)
-        if item is not None:
-            item = _named(inner, item) if inner else item
-            out[name] = (branch, item) if branch else item
-    return out
+        if item is None:
+            continue
+        new = _named(inner, item) if inner else item
+        if branch:
+            new = (branch, new)
+        if new is not item:
+            if out is None:
+                out = dict(value)
+            out[name] = new
+    return value if out is None else out
 
 
 def union_branches(schema: dict[str, Any]) -> Callable[[Any, Any], Any]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import fastavro
 
 import schemas
-from packetless.serde import Codec
+from packetless.serde import Codec, union_branches
 from packetless.topics import TOPICS
 from streams.flows import CLIENT, SERVER, Observation
 
@@ -54,22 +55,25 @@ class RawDecoder:
 class AvroEncoder:
     """Confluent-framed Avro for our output topics: the first record of a topic goes through
     ``Codec.encode`` (which registers the schema and gives its id), the others are written by
-    fastavro with the same schema and header: the same bytes, several times faster."""
+    fastavro with the same schema and header: the same bytes, several times faster. Unions
+    holding a record are named as ``Codec.encode`` names them (``union_branches``)."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self._known: dict[str, tuple[bytes, Any]] = {}
+        self._known: dict[str, tuple[bytes, Any, Callable[[Any, Any], Any]]] = {}
 
     def encode(self, suffix: str, value: dict[str, Any]) -> bytes:
         known = self._known.get(suffix)
         if known is None:
             data = self.codec.encode(suffix, value)
-            self._known[suffix] = (data[:5], fastavro.parse_schema(schemas.load(
-                TOPICS[suffix].schema or "")))
+            schema = schemas.load(TOPICS[suffix].schema or "")
+            self._known[suffix] = (data[:5], fastavro.parse_schema(schema),
+                                   union_branches(schema))
             return data
+        header, parsed, named = known
         out = io.BytesIO()
-        out.write(known[0])
-        fastavro.schemaless_writer(out, known[1], value)
+        out.write(header)
+        fastavro.schemaless_writer(out, parsed, named(value, None))
         return out.getvalue()
 
 
