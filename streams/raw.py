@@ -1,53 +1,58 @@
 """Raw sensor records (``packetless.EbpfEvent``, ``packetless.NetlinkEvent``) as flow
 ``Observation``s: the only place that knows the raw schemas' field names; and fast Avro
-decoding and encoding (fastavro with the schemas cached per schema id).
+decoding and encoding (cavro with the schemas cached per schema id).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import fastavro
+import cavro
 
 import schemas
-from packetless.serde import Codec, union_branches
+from packetless.serde import Codec
 from packetless.topics import TOPICS
 from streams.flows import CLIENT, SERVER, Observation
 
 CLOSING_EBPF = frozenset({"END", "FAILURE"})
 
 
+# cavro (Cython) reads and writes these records 2-5 times faster than fastavro, to the same bytes
+CAVRO = cavro.Options(record_decodes_to_dict=True)
+
+
 class RawDecoder:
-    """Decodes Confluent-framed Avro with fastavro, resolving each writer schema (fetched from
-    the registry once per id) to our reader schema: about 20 times faster than ``Codec.decode``
-    per record. Anything unusual goes through ``Codec.decode``, which raises the classified
+    """Decodes Confluent-framed Avro with cavro, resolving each writer schema (fetched from the
+    registry once per id) to our reader schema: tens of times faster than ``Codec.decode`` per
+    record. Anything unusual goes through ``Codec.decode``, which raises the classified
     ``DecodeError`` for the DLQ."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self._schemas: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._readers: dict[tuple[str, int], Callable[[bytes], Any]] = {}
 
     def decode(self, suffix: str, data: bytes | None) -> dict[str, Any] | None:
         if data is None or len(data) < 6 or data[0] != 0:
             return self.codec.decode(suffix, data)
         schema_id = int.from_bytes(data[1:5], "big")
-        pair = self._schemas.get((suffix, schema_id))
-        if pair is None:
+        read = self._readers.get((suffix, schema_id))
+        if read is None:
             try:
-                writer = json.loads(self.codec.client.get_schema(schema_id).schema_str)
-                reader = schemas.load(TOPICS[suffix].schema)
-                # the same schema needs no resolution: fastavro reads it several times faster
-                pair = (fastavro.parse_schema(writer),
-                        None if writer == reader else fastavro.parse_schema(reader))
+                writer = self.codec.client.get_schema(schema_id).schema_str
+                reader = schemas.load(TOPICS[suffix].schema or "")
+                ours = cavro.Schema(json.dumps(reader), options=CAVRO)
+                theirs = cavro.Schema(writer, options=CAVRO)
+                # the same schema needs no resolution, which reads several times faster
+                read = (ours if json.loads(writer) == reader
+                        else ours.reader_for_writer(theirs)).binary_decode
             except Exception:  # unknown id, registry down, schema with references: classify
                 return self.codec.decode(suffix, data)
-            self._schemas[(suffix, schema_id)] = pair
+            self._readers[(suffix, schema_id)] = read
         try:
-            return fastavro.schemaless_reader(io.BytesIO(data[5:]), pair[0], pair[1])
+            return read(data[5:])
         except Exception:  # garbage after a valid header: let Codec say what is wrong
             return self.codec.decode(suffix, data)
 
@@ -55,26 +60,22 @@ class RawDecoder:
 class AvroEncoder:
     """Confluent-framed Avro for our output topics: the first record of a topic goes through
     ``Codec.encode`` (which registers the schema and gives its id), the others are written by
-    fastavro with the same schema and header: the same bytes, several times faster. Unions
-    holding a record are named as ``Codec.encode`` names them (``union_branches``)."""
+    cavro with the same schema and header: the same bytes, several times faster."""
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        self._known: dict[str, tuple[bytes, Any, Callable[[Any, Any], Any]]] = {}
+        self._known: dict[str, tuple[bytes, Callable[[Any], bytes]]] = {}
 
     def encode(self, suffix: str, value: dict[str, Any]) -> bytes:
         known = self._known.get(suffix)
         if known is None:
             data = self.codec.encode(suffix, value)
-            schema = schemas.load(TOPICS[suffix].schema or "")
-            self._known[suffix] = (data[:5], fastavro.parse_schema(schema),
-                                   union_branches(schema))
+            schema = cavro.Schema(json.dumps(schemas.load(TOPICS[suffix].schema or "")),
+                                  options=CAVRO)
+            self._known[suffix] = (data[:5], schema.binary_encode)
             return data
-        header, parsed, named = known
-        out = io.BytesIO()
-        out.write(header)
-        fastavro.schemaless_writer(out, parsed, named(value, None))
-        return out.getvalue()
+        header, write = known
+        return header + write(value)
 
 
 @dataclass

@@ -5,6 +5,7 @@ worker killed with SIGKILL that restarts from its changelogs and emits the END i
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import signal
@@ -445,8 +446,11 @@ def test_sigkill_restart_emits_owed_end(stack_settings: Settings, tmp_path: Path
 
 
 def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:
-    """The worker's fastavro fast path decodes exactly as the registry-backed Codec, and hands
-    bad bytes to Codec's classification."""
+    """The worker's fast path decodes exactly as the registry-backed Codec (also records of an
+    older writer schema, resolved to ours), and hands bad bytes to Codec's classification."""
+    import fastavro
+    from confluent_kafka.schema_registry import Schema
+
     from packetless.serde import DecodeError
     from streams.raw import RawDecoder
 
@@ -464,6 +468,17 @@ def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:
     data = codec.encode("raw.ebpf", fixture["raw"][0]["value"])
     with pytest.raises(DecodeError):
         fast.decode("raw.ebpf", data[:12])
+    # a sensor of an older version: its schema lacks the optional ``drops`` (default null)
+    ours = schemas.load("EbpfEvent")
+    older = {**ours, "fields": [f for f in ours["fields"] if f["name"] != "drops"]}
+    schema_id = codec.client.register_schema(f"older-{os.getpid()}-value",
+                                             Schema(json.dumps(older), "AVRO"))
+    value = {k: v for k, v in fixture["raw"][0]["value"].items() if k != "drops"}
+    framed = io.BytesIO()
+    framed.write(b"\0" + schema_id.to_bytes(4, "big"))
+    fastavro.schemaless_writer(framed, fastavro.parse_schema(older), value)
+    assert fast.decode("raw.ebpf", framed.getvalue()) == {**value, "drops": None} == codec.decode(
+        "raw.ebpf", framed.getvalue())
 
 
 def generated_flows(origin_ms: int) -> list[dict[str, Any]]:
