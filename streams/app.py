@@ -411,10 +411,11 @@ class Worker:
         # 0.1 s steps, and one batch writes up to a few thousand keys
         app.producer.buffer.max_messages = 4 * BATCH_MAX
 
+        # values are JSON lists (``_fitting``) read by the agents with orjson (``_items``)
         self.sockets_topic = app.topic(f"{workers_group}-sockets", internal=True, partitions=n,
-                                       key_serializer="raw", value_serializer="json")
+                                       key_serializer="raw", value_serializer="raw")
         self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
-                                        key_serializer="raw", value_serializer="json")
+                                        key_serializer="raw", value_serializer="raw")
         self.outputs.topics["activity"] = self.activity_topic.get_topic_name()
         # keys are bytes, values the JSON of the dataclasses' state (``_json``, ``_state``):
         # encoded once here, where Faust's JSON serializer would encode twice (store, changelog)
@@ -489,10 +490,10 @@ class Worker:
                     self.flows_tick(event, now, batch)
                     continue
                 if event.key == LOCAL_KEY:
-                    for host, ip in event.value:
+                    for host, ip in self._items(event, "flows"):
                         self.local.add(host, ip)
                     continue
-                for item in event.value:
+                for item in self._items(event, "flows"):
                     try:
                         self.flow_event(event, Observation.from_row(item), now, batch)
                     except Exception:  # a bug must not stop the stream; counted and logged
@@ -504,6 +505,19 @@ class Worker:
                     self.outputs.send("activity", BATCH_KEY, data, partition)
             await self.outputs.flush()
             _write(self.flows, batch.writes)
+
+    def _items(self, event: Any, stage: str) -> list[Any]:
+        """The items of an internal batch message (JSON written by ``_fitting``)."""
+        try:
+            items = orjson.loads(event.value)
+            if isinstance(items, list):
+                return items
+        except orjson.JSONDecodeError:
+            pass
+        self.metrics.errors.labels(stage).inc()
+        log.error("%s: not a batch at %s[%d]@%d", stage, event.message.topic,
+                  event.message.partition, event.message.offset)
+        return []
 
     def _load(self, event: Any, key: bytes, batch: FlowBatch) -> Touched:
         touched = batch.flows.get(key)
@@ -617,7 +631,7 @@ class Worker:
                 if event.key == TICK:
                     self.windows_tick(event, states, now, changed)
                     continue
-                for item in event.value:
+                for item in self._items(event, "windows"):
                     try:
                         act = Activity(**item)
                         key = act.entity.encode()
@@ -682,7 +696,7 @@ class Worker:
         topics = {t.get_topic_name(): t for t in (self.sockets_topic, self.activity_topic)}
         for tp in self.app.assignor.assigned_actives():
             if tp.topic in names:
-                await topics[tp.topic].send(key=TICK, value={"tick": _now_ms()},
+                await topics[tp.topic].send(key=TICK, value=_json({"tick": _now_ms()}),
                                             partition=tp.partition)
         self._rate()
 
