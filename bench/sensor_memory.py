@@ -23,12 +23,29 @@ from bench.stack import start
 from bench.traffic import HOLD_CHUNK
 
 
-def rss_mib(pid: int | str = "self") -> float:
-    """VmRSS of a process in MiB."""
+def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """VmRSS (or another field of /proc/<pid>/status in kB, e.g. VmHWM: the peak) in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def host_tcp() -> dict[str, int]:
+    """TCP sockets of this network namespace (/proc/net/sockstat): the sensor sees them all,
+    other programs' included, so the measurement says how many there were."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            return {k: int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+    return {}
+
+
+def stack_stage(stage: str, pid: int) -> str:
+    """One JSON line of the stack's sensor: RSS, its peak, the host's TCP sockets, mappings."""
+    return json.dumps({"stage": stage, "rss_mib": round(rss_mib(pid), 1),
+                       "peak_mib": round(rss_mib(pid, "VmHWM"), 1), "host_tcp": host_tcp(),
+                       "mappings": mappings(pid)})
 
 
 def mappings(pid: int | str = "self", top: int = 6) -> dict[str, float]:
@@ -103,11 +120,9 @@ def in_stack(work: Path, connections: int, settle_s: float) -> None:
     try:
         pid = stack.parts["sensor"]
         time.sleep(settle_s)
-        print(json.dumps({"stage": "stack sensor ready", "rss_mib": round(rss_mib(pid), 1),
-                          "mappings": mappings(pid)}), flush=True)
+        print(stack_stage("stack sensor ready", pid), flush=True)
         holders, stage = hold(work, connections, settle_s)
-        print(json.dumps({"stage": stage, "rss_mib": round(rss_mib(pid), 1),
-                          "mappings": mappings(pid)}), flush=True)
+        print(stack_stage(stage, pid), flush=True)
     finally:
         release_holders(holders)
         stack.stop()

@@ -131,7 +131,9 @@ class ContainerWatcher:
             return self._client.api.inspect_container(container_id)
         except docker.errors.NotFound:
             return None
-        except docker.errors.DockerException as error:
+        # requests' errors (OSError) when the engine goes away between two calls: from the
+        # eBPF part's publish they would stop the sensor
+        except (docker.errors.DockerException, OSError) as error:
             self._down(error)
             return None
 

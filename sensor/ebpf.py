@@ -135,7 +135,7 @@ class EbpfOptions:
     batch_min: int = 64
     batch_ms: int = 20
     ring_buffer_pages: int = 1024  # 4 MiB
-    tcp_entries: int = 65536
+    tcp_entries: int = 131072  # sockets followed at once (100,000 live ones, with room)
     udp_entries: int = 65536
     owner_entries: int = 131072
     cgroup_root: Path | None = None  # default: the cgroup2 mount

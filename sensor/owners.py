@@ -2,7 +2,8 @@
 
 Reading every link of every process costs about 5 µs per descriptor, half a second for 100,000
 sockets; most of them are the same at the next snapshot. So a snapshot reads only the
-descriptors that are new, and those whose socket has gone (the number may have been reused).
+descriptors that are new, and those whose socket has gone (the number may have been reused); a
+process listing the same descriptors as before, none of them a socket gone, is taken whole.
 A socket whose owner is still unknown after that triggers a full read.
 """
 
@@ -15,11 +16,14 @@ from pathlib import Path
 
 @dataclass
 class _Fds:
-    """What was read of one process: its start time (a reused pid has another one) and, per
-    descriptor, the inode of its socket (0: not a socket)."""
+    """What was read of one process: its start time (a reused pid has another one), its
+    descriptors in the order listed, the inode of each one's socket (0: not a socket) and its
+    sockets (inode -> its pid)."""
 
     start: str
+    listed: list[str]
     inodes: dict[str, int]
+    sockets: dict[int, int]
 
 
 class SocketOwners:
@@ -45,35 +49,60 @@ class SocketOwners:
         return found
 
     def _read(self, sockets: set[int], full: bool) -> tuple[dict[int, int], int]:
-        """The owners, and how many descriptors were taken from the previous read unread."""
+        """The owners, and how many descriptors were taken from the previous read unread.
+        Processes are read from the highest pid down: a socket's last (lowest) pid wins."""
         owners: dict[int, int] = {}
         processes: dict[int, _Fds] = {}
         gone = self._sockets - sockets  # closed since the previous call
         trusted = 0
-        for pid in sorted(int(name) for name in os.listdir(self.proc) if name.isdigit()):
-            base = f"{self.proc}/{pid}"
-            try:
-                start = _start_time(base)
-                fds = os.listdir(f"{base}/fd")
-            except OSError:  # exited, or not ours to read
-                continue
-            known = None if full else self._processes.get(pid)
-            cached = known.inodes if known is not None and known.start == start else {}
-            inodes: dict[str, int] = {}
-            for fd in fds:
-                inode = cached.get(fd)
-                if inode is None or inode in gone:
-                    inode = _socket_inode(f"{base}/fd/{fd}")
-                    if inode is None:
-                        continue
-                else:
-                    trusted += 1
-                inodes[fd] = inode
-                if inode:
-                    owners.setdefault(inode, pid)
-            processes[pid] = _Fds(start, inodes)
+        for pid in sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
+                          reverse=True):
+            read = self._read_process(pid, None if full else self._processes.get(pid), gone)
+            if read is not None:
+                processes[pid], unread = read
+                owners.update(processes[pid].sockets)
+                trusted += unread
         self._processes = processes
         return owners, trusted
+
+    def _read_process(self, pid: int, known: _Fds | None, gone: set[int]
+                      ) -> tuple[_Fds, int] | None:
+        """What process ``pid`` holds, and how many of its descriptors were taken unread from
+        ``known`` (its previous read): all of them if it lists the same descriptors and none
+        holds a socket ``gone``. None if the process exited or is not ours to read."""
+        base = f"{self.proc}/{pid}"
+        try:
+            start = _start_time(base)
+            directory = os.open(f"{base}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            listed = os.listdir(directory)
+            if known is None or known.start != start:
+                cached: dict[str, int] = {}
+            elif known.listed == listed and known.sockets.keys().isdisjoint(gone):
+                return known, len(listed)
+            else:
+                cached = known.inodes
+            inodes: dict[str, int] = {}
+            unread = 0
+            for fd in listed:
+                inode = cached.get(fd)
+                if inode is None or inode in gone:
+                    try:
+                        target = os.readlink(fd, dir_fd=directory)
+                    except OSError:  # closed meanwhile
+                        continue
+                    inode = int(target[8:-1]) if target.startswith("socket:[") else 0
+                else:
+                    unread += 1
+                inodes[fd] = inode
+        except OSError:
+            return None
+        finally:
+            os.close(directory)
+        sockets = {inode: pid for inode in inodes.values() if inode}
+        return _Fds(start, list(inodes), inodes, sockets), unread
 
 
 def _start_time(base: str) -> str:
@@ -81,11 +110,3 @@ def _start_time(base: str) -> str:
     with open(f"{base}/stat", "rb") as stat:
         return stat.read().rsplit(b")", 1)[1].split()[19].decode()
 
-
-def _socket_inode(link: str) -> int | None:
-    """The socket inode a descriptor link names, 0 for other files, None if it is gone."""
-    try:
-        target = os.readlink(link)
-    except OSError:
-        return None
-    return int(target[8:-1]) if target.startswith("socket:[") else 0

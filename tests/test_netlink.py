@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
@@ -241,7 +242,12 @@ def test_closed_socket_and_run_loop(pair: dict[str, Any]) -> None:
         closed = wait_for(lambda: [v for v in published.values("raw.netlink",
                                                                 f"testhost:{cookie}")
                                    if v["kind"] == "SOCKET_CLOSED"])
-        assert len(closed) == 1 and closed[0]["socket"]["tcp"]["bytes_received"] == PAYLOAD
+        assert len(closed) == 1
+        last = closed[0]["socket"]
+        if last["state"] == "TIME_WAIT":  # seen after the kill: it comes without tcp_info
+            assert last["tcp"] is None
+        else:
+            assert last["tcp"]["bytes_received"] == PAYLOAD
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -478,6 +484,141 @@ def test_compared_counters_agree_with_tcp_info() -> None:
             for sock in pair:
                 sock.close()
         server.close()
+
+
+@contextlib.contextmanager
+def _varied_sockets() -> Iterator[list[socket.socket]]:
+    """Sockets with different attribute sets: TCP listeners and connections over IPv4 and IPv6
+    (one with a mark, one with another congestion control, one in TIME_WAIT), UDP sockets."""
+    held: list[socket.socket] = []
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            server = socket.create_server((host, 0), family=family)
+            held.append(server)
+            for option in ((socket.SOL_SOCKET, socket.SO_MARK, 5),
+                           (socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno"), None):
+                client = socket.socket(family)
+                if option:
+                    client.setsockopt(*option)
+                client.connect(server.getsockname()[:2])
+                client.sendall(b"x" * 700)
+                held += [client, server.accept()[0]]
+            with socket.create_connection(server.getsockname()[:2]):  # closed first: TIME_WAIT
+                server.accept()[0].close()
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            udp.bind((host, 0))
+            peer = socket.socket(family, socket.SOCK_DGRAM)
+            peer.connect(udp.getsockname()[:2])
+            held += [udp, peer]
+        yield held
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_layouts_read_what_the_walk_reads() -> None:
+    """Messages read through a layout remembered from an earlier message of the dump give the
+    heads and details that walking their attributes gives, for every host socket, across
+    sockets whose attributes differ (so that the layouts switch within a dump)."""
+    require_root()  # SO_MARK
+    with _varied_sockets() as ours, \
+            socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, netlink.NETLINK_SOCK_DIAG) as nl:
+        nl.bind((0, 0))
+        inodes = {os.fstat(sock.fileno()).st_ino for sock in ours}
+        found = [(transport, msg)
+                 for seq, (family, protocol, transport, _) in enumerate(netlink.DUMPS, 1)
+                 for msg in netlink.dump_sockets(nl, family, protocol, seq)]
+    layouts: dict[str, set[tuple[int, ...]]] = {}
+    for transport, msg in found:
+        walked = netlink._walk(msg.family, msg.data, msg.offset, msg.end)
+        assert netlink.details(msg) == walked
+        assert msg.head == netlink._head(msg.data, msg.offset + netlink._NLMSGHDR.size, msg.end)
+        if msg.inode in inodes or msg.state == 6:  # ours, and TIME_WAIT ones (no inode)
+            assert msg.layout is not None, walked
+            layouts.setdefault(transport, set()).add(msg.layout.expected[3:])
+            assert (walked.tcp_info is not None) == (transport == "tcp" and msg.state != 6)
+    assert {msg.inode for _, msg in found} >= inodes
+    assert {netlink.details(m).congestion for _, m in found if m.inode in inodes} >= {"reno", None}
+    # established, TIME_WAIT, another congestion name's length, IPv6 listeners (their v6only
+    # flag); UDP sockets over IPv4 and IPv6: layouts of their own
+    assert len(layouts["tcp"]) >= 4 and len(layouts["udp"]) >= 2, layouts
+
+
+def _replay(datagrams: list[bytes]) -> list[netlink.DiagMessage]:
+    """dump_sockets over a socketpair whose other end answers with ``datagrams``, then DONE."""
+    def message(msg_type: int, body: bytes) -> bytes:
+        return netlink._NLMSGHDR.pack(16 + len(body), msg_type, 2, 1, 0) + body
+
+    ours, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with ours, kernel:
+        ours.settimeout(5)
+        for data in [*datagrams, message(netlink.NLMSG_DONE, b"\0" * 4)]:
+            kernel.send(data)
+        return list(netlink.dump_sockets(ours, socket.AF_INET, socket.IPPROTO_TCP))
+
+
+def test_a_layout_is_used_only_where_it_fits() -> None:
+    """Messages of equal length with other attributes, or attributes a layout cannot read
+    (a short tcp_info, a malformed attribute), are read as the walk reads them."""
+    def attr(kind: int, payload: bytes) -> bytes:
+        return (struct.pack("=HH", 4 + len(payload), kind) + payload).ljust(
+            (4 + len(payload) + 3) & ~3, b"\0")
+
+    def message(cookie: int, *attrs: bytes) -> bytes:
+        body = netlink._INET_DIAG_MSG.pack(
+            2, 1, 0, 0, 0x5000, 0x9000, b"\x7f\0\0\1".ljust(16, b"\0"),
+            b"\x7f\0\0\2".ljust(16, b"\0"), 3, cookie, 0, 1, 2, 0, 100 + cookie)
+        body += b"".join(attrs)
+        return netlink._NLMSGHDR.pack(16 + len(body), netlink.SOCK_DIAG_BY_FAMILY, 2, 1,
+                                      0) + body
+
+    info = bytes(range(256)) * 2
+    cgroup, cong = attr(netlink.INET_DIAG_CGROUP_ID, struct.pack("=Q", 77)), attr(
+        netlink.INET_DIAG_CONG, b"cubic\0\0\0")
+    messages = [
+        message(1, cgroup, cong, attr(netlink.INET_DIAG_INFO, info[:netlink._TCP_INFO.size])),
+        message(2, cgroup, cong, attr(netlink.INET_DIAG_INFO, info[1:netlink._TCP_INFO.size + 1])),
+        message(3, cong, cgroup, attr(netlink.INET_DIAG_INFO, info[:netlink._TCP_INFO.size])),
+        message(4, cgroup, cong, attr(netlink.INET_DIAG_INFO, info[:netlink._TCP_INFO.size - 8]),
+                attr(99, b"\0" * 4)),  # short tcp_info, same length
+        message(5, cgroup, attr(netlink.INET_DIAG_CONG, b"bbr\0\0\0\0\0"),
+                attr(netlink.INET_DIAG_INFO, info[:netlink._TCP_INFO.size])),
+        message(6, cgroup, cong, struct.pack("=HH", 2, 1) + b"\0" * 4),  # malformed
+        message(7, cgroup, cgroup),  # cgroup id twice: the walk keeps the last one
+    ]
+    found = _replay([b"".join(messages[:3]), b"".join(messages[3:])])
+    assert [m.cookie for m in found] == [1, 2, 3, 4, 5, 6, 7]
+    for msg in found:
+        walked = netlink._walk(msg.family, msg.data, msg.offset, msg.end)
+        assert netlink.details(msg) == walked
+        assert msg.head == netlink._head(msg.data, msg.offset + netlink._NLMSGHDR.size, msg.end)
+    assert [m.layout is not None for m in found] == [True, True, True, False, True, False, False]
+    assert found[0].layout is found[1].layout is not found[2].layout
+    assert netlink.details(found[4]).congestion == "bbr"
+    assert netlink.details(found[1]).tcp_info != netlink.details(found[0]).tcp_info
+
+
+def test_records_from_layouts_equal_records_from_walks() -> None:
+    """The records a snapshot builds through layouts equal those built by walking every
+    message (a _Dump that names no layout)."""
+    require_root()
+    sensor = NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False,
+                                          other_namespaces=False))
+    namespace = next(iter(netlink.discover_namespaces(other=False).values()))
+    with _varied_sockets():
+        dumps = sensor._dumps(namespace)
+    state = netlink._Snapshot(sensor._owners.owners(
+        {m[0][5] for dump in dumps for m in dump.messages if m[0][5]}))
+    compared = 0
+    for dump in dumps:
+        walked = netlink._Dump(dump.transport, dump.family_name, dump.family, [],
+                               [(*m[:4], -1) for m in dump.messages])
+        for message, plain in zip(dump.messages, walked.messages, strict=True):
+            pid = state.owners.get(message[0][5])
+            assert sensor._socket_record(dump, message, namespace, state, pid) \
+                == sensor._socket_record(walked, plain, namespace, state, pid)
+            compared += message[4] >= 0
+    assert compared >= 20
 
 
 def test_process_gone_before_lookup() -> None:

@@ -157,20 +157,21 @@ def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
     assert samples['packetless_sensor_events_total{type="ebpf"}'] >= 2
     assert samples["packetless_sensor_produce_latency_seconds_count"] >= 2
     assert samples["packetless_sensor_lost_events_total"] == 0
-    # the TCP flow map fills with held connections (2 sockets each, of 65,536 entries)
+    # the TCP flow map fills with held connections (2 sockets each, of tcp_entries)
+    entries = ebpf.EbpfOptions().tcp_entries
     tcp_fill = 'packetless_sensor_bpf_map_fill_ratio{map="tcp_flows"}'
     assert set(ebpf.HASH_MAPS) == {k.split('"')[1] for k in samples if "map_fill_ratio{" in k}
     before = samples[tcp_fill]
     held = hold_connections(HELD)
     try:
         deadline = time.monotonic() + 30
-        while (fill := scrape(metrics_port)[tcp_fill]) < before + HELD / 65536:
+        while (fill := scrape(metrics_port)[tcp_fill]) < before + HELD / entries:
             assert time.monotonic() < deadline, (before, fill)
             time.sleep(0.5)
     finally:
         for s in held:
             s.close()
-    assert fill <= before + (2 * HELD + 200) / 65536  # counted once each (others: +-100)
+    assert fill <= before + (2 * HELD + 200) / entries  # counted once each (others: +-100)
     # lineage in eBPF mode comes from the sched tracepoints: a process of a millisecond
     brief = subprocess.run(["/bin/sh", "-c", "echo $$"], capture_output=True, text=True,
                            check=True)
