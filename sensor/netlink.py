@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import (
@@ -453,6 +453,51 @@ class _Snapshot:
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
 
+class _Kept(NamedTuple):
+    """What a published socket's record is made of, kept until the socket is gone."""
+
+    transport: str
+    family_name: str
+    family: int
+    layout: _Layout | None
+    message: bytes  # the sock_diag message, alone
+    pid: int | None
+    process: dict[str, Any] | None  # shared with the other sockets of the process
+    container_id: str | None
+
+
+def _record(kept: _Kept, head: tuple[int, ...], fields: tuple[Any, ...]) -> dict[str, Any]:
+    """The SocketSnapshot record of a socket (``head``: DiagMessage.head, ``fields``:
+    ``_fields``)."""
+    sport, dport, src, dst, ifindex, tcp_info, congestion, cgroup_id = fields
+    sock_state, cookie, rqueue, wqueue, uid, inode = head[:6]
+    if kept.transport == "udp":
+        state_name = "ESTABLISHED" if sock_state == 1 else "CLOSE"
+    else:
+        state_name = TCP_STATES[sock_state] if sock_state < len(TCP_STATES) else "UNKNOWN"
+    return {
+        "cookie": cookie,
+        "transport": kept.transport,
+        "family": kept.family_name,
+        "state": state_name,
+        "local_ip": src,
+        "local_port": sport,
+        "remote_ip": dst,
+        "remote_port": dport,
+        "bound_ifindex": ifindex or None,
+        "uid": uid,
+        "inode": inode,
+        "rqueue": rqueue,
+        "wqueue": wqueue,
+        "cgroup_id": cgroup_id,
+        "pid": kept.pid,
+        "process": kept.process,
+        "container_id": kept.container_id,
+        "tcp": _tcp_record(tcp_info, congestion)
+        if tcp_info is not None and kept.transport == "tcp" else None,
+    }
+
+
 class NetlinkSensor:
     """Takes snapshots and remembers the previous one to report closed sockets.
 
@@ -469,8 +514,8 @@ class NetlinkSensor:
         self.enter_namespaces = options.other_namespaces and not privileges.missing(
             ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
-        # cookie -> (what was compared when it was last published, netns inode, record)
-        self._previous: dict[int, tuple[tuple[Any, ...], int, dict[str, Any]]] = {}
+        # cookie -> (what was compared when it was last published, netns inode, _Kept)
+        self._previous: dict[int, tuple[tuple[Any, ...], int, _Kept]] = {}
         self._count = 0
         self._containers_seen: set[str] = set()
         self._owners = SocketOwners(options.proc)
@@ -489,7 +534,12 @@ class NetlinkSensor:
             log.warning("%s", message)
 
     def snapshot(self) -> list[tuple[str, dict[str, Any]]]:
-        """One snapshot of sockets and interfaces: the (key, NetlinkEvent) pairs to publish.
+        """One snapshot of sockets and interfaces: the (key, NetlinkEvent) pairs to publish."""
+        return list(self.events())
+
+    def events(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """The (key, NetlinkEvent) pairs of one snapshot, each made as it is asked for: a first
+        snapshot of 100,000 sockets would otherwise hold all their records at once.
 
         The garbage collector waits until the end: while a snapshot allocates, it would
         otherwise run hundreds of times over its objects and, every few snapshots, over all
@@ -498,19 +548,18 @@ class NetlinkSensor:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._snapshot()
+            yield from self._events()
         finally:
             if enabled:
                 gc.enable()
                 gc.collect(0)
 
-    def _snapshot(self) -> list[tuple[str, dict[str, Any]]]:
+    def _events(self) -> Iterator[tuple[str, dict[str, Any]]]:
         options = self.options
         host = options.host_name
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
-        events: list[tuple[str, dict[str, Any]]] = []
-        current: dict[int, tuple[tuple[Any, ...], int, dict[str, Any]]] = {}
+        current: dict[int, tuple[tuple[Any, ...], int, _Kept]] = {}
         dumps: list[tuple[Namespace, list[_Dump]]] = []
         links: list[tuple[Namespace, dict[str, Any]]] = []
         self._count += 1
@@ -539,27 +588,28 @@ class NetlinkSensor:
                     signature = (head, pid)
                     last = previous.get(cookie)
                     if last is None or last[0] != signature or (count + cookie) % every == 0:
-                        record = self._socket_record(dump, message, namespace, state, pid)
-                        events.append((f"{host}:{cookie}", self._event(
-                            "SOCKET", now_ms, namespace.inode, record, None)))
-                        current[cookie] = (signature, namespace.inode, record)
+                        record, kept = self._socket_record(dump, message, namespace, state, pid)
+                        yield f"{host}:{cookie}", self._event("SOCKET", now_ms, namespace.inode,
+                                                              record, None)
+                        current[cookie] = (signature, namespace.inode, kept)
                     else:
                         current[cookie] = last
         for cookie, entry in previous.items():
             if cookie in current:
                 continue
-            _signature, inode, record = entry
+            signature, inode, kept = entry
             if inode in dumped or inode not in namespaces:
-                events.append((f"{host}:{cookie}",
-                               self._event("SOCKET_CLOSED", now_ms, inode, record, None)))
+                record = _record(kept, signature[0], _fields(kept.family, kept.message, 0,
+                                                             len(kept.message), kept.layout))
+                yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, inode, record,
+                                                      None)
             else:
                 current[cookie] = entry
         self._previous = current
         for namespace, link in _pair_veths(links):
             name = link["name"] if namespace.host else f"{namespace.label}/{link['name']}"
-            events.append((f"{host}:if:{name}",
-                           self._event("INTERFACE", now_ms, namespace.inode, None, link)))
-        return events
+            yield f"{host}:if:{name}", self._event("INTERFACE", now_ms, namespace.inode, None,
+                                                   link)
 
     def _namespace_error(self, namespace: Namespace, error: OSError) -> None:
         if namespace.host:
@@ -595,10 +645,14 @@ class NetlinkSensor:
         return found
 
     def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
-                       state: _Snapshot, pid: int | None) -> dict[str, Any]:
+                       state: _Snapshot, pid: int | None) -> tuple[dict[str, Any], _Kept]:
+        """The SocketSnapshot record of a message, and what rebuilds it once the socket is
+        gone (for its SOCKET_CLOSED): a copy of the message, not the record (a third of the
+        memory; the dump's buffers are not kept either)."""
         head, data, offset, end, index = message
-        sport, dport, src, dst, ifindex, tcp_info, congestion, cgroup_id = _fields(
-            dump.family, data, offset, end, dump.layouts[index] if index >= 0 else None)
+        layout = dump.layouts[index] if index >= 0 else None
+        fields = _fields(dump.family, data, offset, end, layout)
+        cgroup_id = fields[-1]
         process = self._process(pid, state) if pid is not None else None
         ref = self._container(cgroup_id, state) if cgroup_id else None
         container_id = (ref.container_id if ref else None) \
@@ -609,32 +663,9 @@ class NetlinkSensor:
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
-        sock_state, cookie, rqueue, wqueue, uid, inode = head[:6]
-        if dump.transport == "udp":
-            state_name = "ESTABLISHED" if sock_state == 1 else "CLOSE"
-        else:
-            state_name = TCP_STATES[sock_state] if sock_state < len(TCP_STATES) else "UNKNOWN"
-        return {
-            "cookie": cookie,
-            "transport": dump.transport,
-            "family": dump.family_name,
-            "state": state_name,
-            "local_ip": src,
-            "local_port": sport,
-            "remote_ip": dst,
-            "remote_port": dport,
-            "bound_ifindex": ifindex or None,
-            "uid": uid,
-            "inode": inode,
-            "rqueue": rqueue,
-            "wqueue": wqueue,
-            "cgroup_id": cgroup_id,
-            "pid": pid,
-            "process": process,
-            "container_id": container_id,
-            "tcp": _tcp_record(tcp_info, congestion)
-            if tcp_info is not None and dump.transport == "tcp" else None,
-        }
+        kept = _Kept(dump.transport, dump.family_name, dump.family, layout, data[offset:end],
+                     pid, process, container_id)
+        return _record(kept, head, fields), kept
 
     def _container(self, cgroup_id: int, state: _Snapshot) -> ContainerRef | None:
         if cgroup_id not in state.containers:
@@ -700,13 +731,12 @@ def run(publish: Publish, stop: threading.Event, options: NetlinkOptions) -> Non
     sensor = NetlinkSensor(options)
     while not stop.is_set():
         started = time.monotonic()
+        published = 0
         try:
-            events = sensor.snapshot()
+            for key, value in sensor.events():
+                publish(TOPIC, key, value)
+                published += 1
         except OSError:
             log.exception("netlink snapshot failed; retrying next interval")
-            events = []
-        for key, value in events:
-            publish(TOPIC, key, value)
-        log.debug("netlink snapshot: %d records in %.3f s", len(events),
-                  time.monotonic() - started)
+        log.debug("netlink snapshot: %d records in %.3f s", published, time.monotonic() - started)
         stop.wait(max(0.0, options.interval_s - (time.monotonic() - started)))
