@@ -211,8 +211,17 @@ class Loaded:
     maps: dict[str, BpfMap]
     programs: dict[str, int]  # name -> program fd
     attachments: list[int] = field(default_factory=list)  # tracepoint perf event fds
+    rings: list[RingBuffer] = field(default_factory=list)
+
+    def ring(self, name: str, callback: RingCallback) -> RingBuffer:
+        """A reader of the ring buffer map ``name``, closed with the rest."""
+        self.rings.append(RingBuffer(self.maps[name], callback))
+        return self.rings[-1]
 
     def close(self) -> None:
+        for ring in self.rings:
+            ring.close()
+        self.rings.clear()
         for fd in [*self.attachments, *self.programs.values(),
                    *(m.fd for m in self.maps.values())]:
             os.close(fd)

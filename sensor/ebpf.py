@@ -277,7 +277,7 @@ class EbpfSensor:
         for name, _prog_type, attach_type in CGROUP_PROGRAMS:
             self._links.append(bpfload.cgroup_link(self.loaded.programs[name], self._cgroup_fd,
                                                    attach_type))
-        self._ring = bpfload.RingBuffer(self.maps["events"], self._on_event)
+        self._ring = self.loaded.ring("events", self._on_event)
 
     def close(self) -> None:
         """Detach every program (close its link and the tracepoints' perf events) and free
@@ -288,9 +288,7 @@ class EbpfSensor:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        self._ring = None
         if self.loaded is not None:
             self.loaded.close()
             self.loaded = None

@@ -73,12 +73,10 @@ class LineageFeed:
         self.loaded = bpfload.load(SOURCE, [f"-DRINGBUF_PAGES={o.ring_buffer_pages}",
                                             f"-DPARENT_ENTRIES={o.parent_entries}"],
                                    ("process_events", "drops"), ())
-        self._ring = bpfload.RingBuffer(self.loaded.maps["process_events"], self._on_event)
+        self._ring = self.loaded.ring("process_events", self._on_event)
 
     def close(self) -> None:
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        self._ring = None
         if self.loaded is not None:
             self.loaded.close()
             self.loaded = None
