@@ -185,18 +185,6 @@ class DiagMessage:
         return self.head[1]
 
     @property
-    def rqueue(self) -> int:
-        return self.head[2]
-
-    @property
-    def wqueue(self) -> int:
-        return self.head[3]
-
-    @property
-    def uid(self) -> int:
-        return self.head[4]
-
-    @property
     def inode(self) -> int:
         return self.head[5]
 

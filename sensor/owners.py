@@ -16,12 +16,11 @@ from pathlib import Path
 
 @dataclass
 class _Fds:
-    """What was read of one process: its start time (a reused pid has another one), its
-    descriptors in the order listed, the inode of each one's socket (0: not a socket) and its
-    sockets (inode -> its pid)."""
+    """What was read of one process: its start time (a reused pid has another one), the inode
+    of each of its descriptors' socket, in the order listed (0: not a socket), and its sockets
+    (inode -> its pid)."""
 
     start: str
-    listed: list[str]
     inodes: dict[str, int]
     sockets: dict[int, int]
 
@@ -80,7 +79,7 @@ class SocketOwners:
             listed = os.listdir(directory)
             if known is None or known.start != start:
                 cached: dict[str, int] = {}
-            elif known.listed == listed and known.sockets.keys().isdisjoint(gone):
+            elif list(known.inodes) == listed and known.sockets.keys().isdisjoint(gone):
                 return known, len(listed)
             else:
                 cached = known.inodes
@@ -102,7 +101,7 @@ class SocketOwners:
         finally:
             os.close(directory)
         sockets = {inode: pid for inode in inodes.values() if inode}
-        return _Fds(start, list(inodes), inodes, sockets), unread
+        return _Fds(start, inodes, sockets), unread
 
 
 def _start_time(base: str) -> str:
