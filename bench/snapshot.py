@@ -1,7 +1,8 @@
 """Bench item 6: CPU time of one Netlink snapshot (sensor/netlink.py) of 100,000 live sockets.
 
 Holder processes keep loopback connections open (both ends local: two sockets each); the item
-times NetlinkSensor.snapshot() in this process; a full read of the /proc socket owners apart.
+times NetlinkSensor.events() in this process, taking the events one at a time as the sensor
+publishes them; a full read of the /proc socket owners apart.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float, float]:
     return result, time.process_time() - cpu, time.monotonic() - wall
 
 
+def _count(sensor: netlink.NetlinkSensor) -> int:
+    """The events of one snapshot (the first publishes every socket)."""
+    return sum(1 for _ in sensor.events())
+
+
 def run(run_dir: Path, quick: bool) -> Item:
     item = Item("6. Netlink snapshot: CPU of one snapshot of all sockets")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,14 +60,13 @@ def run(run_dir: Path, quick: bool) -> Item:
     try:
         sensor = netlink.NetlinkSensor(netlink.NetlinkOptions(
             interfaces=False, other_namespaces=False, processes=ProcessCache()))
-        owners, owners_cpu, _ = _timed(lambda: SocketOwners().owners(set()))  # a full read
-        events, first_cpu, first_wall = _timed(sensor.snapshot)
-        seen = len(events)  # the first snapshot publishes every socket
-        later = [_timed(sensor.snapshot) for _ in range(every)]
+        owners, owners_cpu, _ = _timed(SocketOwners().read)  # a full read
+        seen, first_cpu, first_wall = _timed(lambda: _count(sensor))
+        later = [_timed(lambda: _count(sensor)) for _ in range(every)]
     finally:
         release_holders(holders)
     cpus = sorted(cpu for _, cpu, _ in later)
-    published = [len(events) for events, _, _ in later]
+    published = [count for count, _, _ in later]
     rows.append(["first (every socket published)", f"{seen:,}", fmt(first_cpu, 2),
                  fmt(first_wall, 2)])
     rows.append([f"the next {every} (idle sockets republished by turns: 1/{every} each)",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import (
@@ -423,50 +423,91 @@ def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]
 
 @dataclass
 class _Dump:
-    """The sockets of one dump of a namespace, and what their Messages need to be read."""
+    """One dump of a namespace (a transport and family), and the layouts of its messages."""
 
+    kind: int  # its index in DUMPS
     transport: str
     family_name: str
     family: int
     layouts: list[_Layout]
-    messages: list[Message]
 
 
 @dataclass
 class _Snapshot:
     """State shared by the per-socket conversions of one snapshot."""
 
+    now_ms: int
     owners: dict[int, int]
     processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
 
-class _Kept(NamedTuple):
-    """What a published socket's record is made of, kept until the socket is gone."""
+# What a snapshot keeps of a published socket until it is gone, to tell whether it changed and
+# to rebuild its record for its SOCKET_CLOSED: one struct row (about 250 bytes with tcp_info,
+# against a kilobyte of Python objects), with the socket's process and container id (shared):
+# the hash of what was compared when it was published (see _signature), its network namespace
+# inode, pid (-1: none), DUMPS index, flags (_HAS_CGROUP), the inet_diag_msg, cgroup id, congestion
+# and, for TCP, the _TCP_NAMES members of tcp_info.
+_KEPT = struct.Struct("=qIiBB72sQ16s")
+_KEPT_FIELDS = 8
+_KEPT_TCP = struct.Struct(_KEPT.format + "".join(fmt for name, fmt in _TCP_LAYOUT if name))
+_HAS_CGROUP = 1
+Kept = tuple[bytes, dict[str, Any] | None, str | None]  # the row, process, container id
 
-    transport: str
-    family_name: str
-    family: int
-    layout: _Layout | None
-    message: bytes  # the sock_diag message, alone
-    pid: int | None
-    process: dict[str, Any] | None  # shared with the other sockets of the process
-    container_id: str | None
+
+def _signature(head: tuple[int, ...], pid: int | None) -> int:
+    """What tells that a socket changed: its head (see DiagMessage) and owner."""
+    return hash((head, pid))
 
 
-def _record(kept: _Kept, head: tuple[int, ...], fields: tuple[Any, ...]) -> dict[str, Any]:
+def _keep(signature: int, netns: int, pid: int | None, dump: _Dump, data: bytes, offset: int,
+          fields: tuple[Any, ...], process: dict[str, Any] | None,
+          container_id: str | None) -> Kept:
+    """What is kept of the message ``data[offset:]`` (see _KEPT); ``fields``: its _fields."""
+    tcp_info, congestion, cgroup_id = fields[5:]
+    diag = data[offset + _NLMSGHDR.size:offset + _NLMSGHDR.size + _INET_DIAG_MSG.size]
+    head = (signature, netns, -1 if pid is None else pid, dump.kind,
+            _HAS_CGROUP if cgroup_id is not None else 0, diag,
+            cgroup_id or 0, (congestion or "").encode())
+    row = _KEPT_TCP.pack(*head, *tcp_info) if tcp_info is not None else _KEPT.pack(*head)
+    return row, process, container_id
+
+
+def _kept_signature(kept: Kept) -> int:
+    return _KEPT.unpack_from(kept[0])[0]
+
+
+def _kept_record(kept: Kept) -> tuple[int, dict[str, Any]]:
+    """The network namespace inode and record of a kept socket."""
+    row, process, container_id = kept
+    values = (_KEPT_TCP if len(row) == _KEPT_TCP.size else _KEPT).unpack(row)
+    _, netns, pid, kind, flags, diag, cgroup_id, congestion = values[:_KEPT_FIELDS]
+    family, _protocol, transport, family_name = DUMPS[kind]
+    (_family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie, _expires,
+     rqueue, wqueue, uid, inode) = _INET_DIAG_MSG.unpack(diag)
+    size = 4 if family == socket.AF_INET else 16
+    fields = (socket.ntohs(sport), socket.ntohs(dport), _address(family, src[:size]),
+              _address(family, dst[:size]), ifindex, values[_KEPT_FIELDS:] or None,
+              _congestion(congestion) or None, cgroup_id if flags & _HAS_CGROUP else None)
+    return netns, _record(transport, family_name, (state, cookie, rqueue, wqueue, uid, inode),
+                          fields, None if pid < 0 else pid, process, container_id)
+
+
+def _record(transport: str, family_name: str, head: tuple[int, ...], fields: tuple[Any, ...],
+            pid: int | None, process: dict[str, Any] | None,
+            container_id: str | None) -> dict[str, Any]:
     """The SocketSnapshot record of a socket (``head``: DiagMessage.head, ``fields``:
     ``_fields``)."""
     sport, dport, src, dst, ifindex, tcp_info, congestion, cgroup_id = fields
     sock_state, cookie, rqueue, wqueue, uid, inode = head[:6]
-    if kept.transport == "udp":
+    if transport == "udp":
         state_name = "ESTABLISHED" if sock_state == 1 else "CLOSE"
     else:
         state_name = TCP_STATES[sock_state] if sock_state < len(TCP_STATES) else "UNKNOWN"
     return {
         "cookie": cookie,
-        "transport": kept.transport,
-        "family": kept.family_name,
+        "transport": transport,
+        "family": family_name,
         "state": state_name,
         "local_ip": src,
         "local_port": sport,
@@ -478,11 +519,11 @@ def _record(kept: _Kept, head: tuple[int, ...], fields: tuple[Any, ...]) -> dict
         "rqueue": rqueue,
         "wqueue": wqueue,
         "cgroup_id": cgroup_id,
-        "pid": kept.pid,
-        "process": kept.process,
-        "container_id": kept.container_id,
+        "pid": pid,
+        "process": process,
+        "container_id": container_id,
         "tcp": _tcp_record(tcp_info, congestion)
-        if tcp_info is not None and kept.transport == "tcp" else None,
+        if tcp_info is not None and transport == "tcp" else None,
     }
 
 
@@ -502,8 +543,8 @@ class NetlinkSensor:
         self.enter_namespaces = options.other_namespaces and not privileges.missing(
             ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
-        # cookie -> (what was compared when it was last published, netns inode, _Kept)
-        self._previous: dict[int, tuple[tuple[Any, ...], int, _Kept]] = {}
+        self._previous: dict[int, Kept] = {}  # cookie -> what is kept of the socket
+
         self._count = 0
         self._containers_seen: set[str] = set()
         self._owners = SocketOwners(options.proc)
@@ -543,61 +584,77 @@ class NetlinkSensor:
                 gc.collect(0)
 
     def _events(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Sockets are published as they are read, with the owners /proc gave before the dump.
+        A socket whose owner that read did not know (opened since, or on a descriptor number
+        reused since) waits for the end of the dump: once the closed sockets are known, /proc
+        is read again for it (see SocketOwners)."""
         options = self.options
-        host = options.host_name
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
-        current: dict[int, tuple[tuple[Any, ...], int, _Kept]] = {}
-        dumps: list[tuple[Namespace, list[_Dump]]] = []
-        links: list[tuple[Namespace, dict[str, Any]]] = []
         self._count += 1
-        every = max(1, options.unchanged_every)
+        state = _Snapshot(now_ms, self._owners.read())
+        current: dict[int, Kept] = {}
+        waiting: list[tuple[Namespace, _Dump, Message]] = []
+        dumped: set[int] = set()
+        links: list[tuple[Namespace, dict[str, Any]]] = []
+        owned = self._owners.owned
         for namespace in namespaces.values():
             try:
-                dumps.append((namespace, self._dumps(namespace)))
+                for dump, message in self._messages(namespace):
+                    inode = message[0][5]
+                    if inode and not owned(inode, state.owners):
+                        head, data, offset, end, index = message
+                        waiting.append((namespace, dump, (head, data[offset:end], 0,
+                                                          end - offset, index)))
+                    elif event := self._socket(dump, message, namespace, state, current):
+                        yield event
+                dumped.add(namespace.inode)
                 if options.interfaces:
                     links += [(namespace, link) for link in self._links(namespace)]
             except OSError as error:
                 self._namespace_error(namespace, error)
-        dumped = {namespace.inode for namespace, _ in dumps}
-        state = _Snapshot(self._owners.owners({message[0][5] for _, found in dumps
-                                               for dump in found for message in dump.messages
-                                               if message[0][5]}))
-        owner_of, previous, count = state.owners.get, self._previous, self._count
-        for namespace, found in dumps:
-            for dump in found:
-                for message in dump.messages:
-                    # The head holds the activity of a socket (state, queues, segment counters)
-                    # and fields that never change; records are built only for the sockets
-                    # published now: most are idle.
-                    head = message[0]
-                    cookie, inode = head[1], head[5]
-                    pid = owner_of(inode) if inode else None
-                    signature = (head, pid)
-                    last = previous.get(cookie)
-                    if last is None or last[0] != signature or (count + cookie) % every == 0:
-                        record, kept = self._socket_record(dump, message, namespace, state, pid)
-                        yield f"{host}:{cookie}", self._event("SOCKET", now_ms, namespace.inode,
-                                                              record, None)
-                        current[cookie] = (signature, namespace.inode, kept)
-                    else:
-                        current[cookie] = last
-        for cookie, entry in previous.items():
-            if cookie in current:
+        waited = {message[0][1] for _, _, message in waiting}
+        gone: list[tuple[int, int, dict[str, Any]]] = []  # cookie, netns inode, record
+        for cookie, kept in self._previous.items():
+            if cookie in current or cookie in waited:
                 continue
-            signature, inode, kept = entry
-            if inode in dumped or inode not in namespaces:
-                record = _record(kept, signature[0], _fields(kept.family, kept.message, 0,
-                                                             len(kept.message), kept.layout))
-                yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, inode, record,
-                                                      None)
-            else:
-                current[cookie] = entry
+            netns, record = _kept_record(kept)
+            if netns in dumped or netns not in namespaces:
+                gone.append((cookie, netns, record))
+            else:  # its namespace could not be read this time
+                current[cookie] = kept
+        self._owners.closed(record["inode"] for _, _, record in gone)
+        if waiting:
+            state.owners = self._owners.complete({message[0][5] for _, _, message in waiting})
+            for namespace, dump, message in waiting:
+                if event := self._socket(dump, message, namespace, state, current):
+                    yield event
         self._previous = current
+        host = options.host_name
+        for cookie, netns, record in gone:
+            yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, netns, record, None)
         for namespace, link in _pair_veths(links):
             name = link["name"] if namespace.host else f"{namespace.label}/{link['name']}"
             yield f"{host}:if:{name}", self._event("INTERFACE", now_ms, namespace.inode, None,
                                                    link)
+
+    def _socket(self, dump: _Dump, message: Message, namespace: Namespace, state: _Snapshot,
+                current: dict[int, Kept]) -> tuple[str, dict[str, Any]] | None:
+        """The SOCKET event of ``message`` if it is to be published (new, changed, or its
+        turn among the idle ones); notes what is kept of it in ``current``."""
+        head = message[0]
+        cookie, inode = head[1], head[5]
+        pid = state.owners.get(inode) if inode else None
+        signature = _signature(head, pid)
+        last = self._previous.get(cookie)
+        if last is not None and _kept_signature(last) == signature \
+                and (self._count + cookie) % max(1, self.options.unchanged_every):
+            current[cookie] = last
+            return None
+        record, current[cookie] = self._socket_record(dump, message, namespace, state, pid,
+                                                      signature)
+        return f"{self.options.host_name}:{cookie}", self._event(
+            "SOCKET", state.now_ms, namespace.inode, record, None)
 
     def _namespace_error(self, namespace: Namespace, error: OSError) -> None:
         if namespace.host:
@@ -620,26 +677,23 @@ class NetlinkSensor:
         return socket_in(namespace.path, socket.AF_NETLINK, socket.SOCK_DGRAM,
                          protocol).detach()
 
-    def _dumps(self, namespace: Namespace) -> list[_Dump]:
-        """Every socket of ``namespace``, one _Dump per transport and family."""
-        found = []
+    def _messages(self, namespace: Namespace) -> Iterator[tuple[_Dump, Message]]:
+        """Every socket of ``namespace`` as it is read, with its dump (transport and family)."""
         with socket.socket(fileno=self._open(namespace, NETLINK_SOCK_DIAG)) as sock:
             sock.bind((0, 0))
-            for seq, (family, protocol, transport, family_name) in enumerate(
-                    DUMPS if self.options.udp else DUMPS[:2], 1):
-                layouts: list[_Layout] = []
-                messages = list(_dump(sock, family, protocol, seq, layouts))
-                found.append(_Dump(transport, family_name, family, layouts, messages))
-        return found
+            for kind, (family, protocol, transport, family_name) in enumerate(
+                    DUMPS if self.options.udp else DUMPS[:2]):
+                dump = _Dump(kind, transport, family_name, family, [])
+                for message in _dump(sock, family, protocol, kind + 1, dump.layouts):
+                    yield dump, message
 
     def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
-                       state: _Snapshot, pid: int | None) -> tuple[dict[str, Any], _Kept]:
-        """The SocketSnapshot record of a message, and what rebuilds it once the socket is
-        gone (for its SOCKET_CLOSED): a copy of the message, not the record (a third of the
-        memory; the dump's buffers are not kept either)."""
+                       state: _Snapshot, pid: int | None, signature: int
+                       ) -> tuple[dict[str, Any], Kept]:
+        """The SocketSnapshot record of a message, and what is kept of it (see _KEPT)."""
         head, data, offset, end, index = message
-        layout = dump.layouts[index] if index >= 0 else None
-        fields = _fields(dump.family, data, offset, end, layout)
+        fields = _fields(dump.family, data, offset, end, dump.layouts[index] if index >= 0
+                         else None)
         cgroup_id = fields[-1]
         process = self._process(pid, state) if pid is not None else None
         ref = self._container(cgroup_id, state) if cgroup_id else None
@@ -651,9 +705,10 @@ class NetlinkSensor:
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
-        kept = _Kept(dump.transport, dump.family_name, dump.family, layout, data[offset:end],
-                     pid, process, container_id)
-        return _record(kept, head, fields), kept
+        kept = _keep(signature, namespace.inode, pid, dump, data, offset, fields, process,
+                     container_id)
+        return _record(dump.transport, dump.family_name, head, fields, pid, process,
+                       container_id), kept
 
     def _container(self, cgroup_id: int, state: _Snapshot) -> ContainerRef | None:
         if cgroup_id not in state.containers:

@@ -606,22 +606,25 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
                                           other_namespaces=False))
     namespace = next(iter(netlink.discover_namespaces(other=False).values()))
     with _varied_sockets():
-        dumps = sensor._dumps(namespace)
-    state = netlink._Snapshot(sensor._owners.owners(
-        {m[0][5] for dump in dumps for m in dump.messages if m[0][5]}))
-    compared = 0
-    for dump in dumps:
-        walked = netlink._Dump(dump.transport, dump.family_name, dump.family, [],
-                               [(*m[:4], -1) for m in dump.messages])
-        for message, plain in zip(dump.messages, walked.messages, strict=True):
-            pid = state.owners.get(message[0][5])
-            record, kept = sensor._socket_record(dump, message, namespace, state, pid)
-            assert record == sensor._socket_record(walked, plain, namespace, state, pid)[0]
-            # what is kept for the socket's SOCKET_CLOSED gives the same record again
-            assert record == netlink._record(kept, message[0], netlink._fields(
-                kept.family, kept.message, 0, len(kept.message), kept.layout))
-            compared += message[4] >= 0
+        state = netlink._Snapshot(0, sensor._owners.read())
+        found = list(sensor._messages(namespace))
+    compared, kinds = 0, set()
+    for dump, message in found:
+        walked = netlink._Dump(dump.kind, dump.transport, dump.family_name, dump.family, [])
+        pid = state.owners.get(message[0][5])
+        signature = netlink._signature(message[0], pid)
+        record, kept = sensor._socket_record(dump, message, namespace, state, pid, signature)
+        assert record == sensor._socket_record(walked, (*message[:4], -1), namespace, state,
+                                               pid, signature)[0]
+        # what is kept for the socket's SOCKET_CLOSED gives the same record again
+        assert netlink._kept_record(kept) == (namespace.inode, record)
+        assert netlink._kept_signature(kept) == signature
+        compared += message[4] >= 0
+        kinds.add((record["transport"], record["family"], record["tcp"] is not None,
+                   record["pid"] is not None))
     assert compared >= 20
+    assert {("tcp", "ipv4", True, True), ("tcp", "ipv6", True, True),
+            ("udp", "ipv4", False, True)} <= kinds
 
 
 def test_process_gone_before_lookup() -> None:

@@ -32,38 +32,57 @@ class FakeProc:
         os.symlink(target, path)
 
 
+def snapshot(owners: SocketOwners, sockets: set[int], closed: set[int] | None = None
+             ) -> dict[int, int]:
+    """The owners of ``sockets`` as a Netlink snapshot asks for them: a read before the dump,
+    the sockets found closed, then another read for the sockets the first did not know."""
+    found = owners.read()
+    owners.closed(closed or set())
+    unknown = {inode for inode in sockets if not owners.owned(inode, found)}
+    return owners.complete(unknown) if unknown else found
+
+
 def test_owners_follow_reused_descriptors_and_pids(tmp_path: Path) -> None:
     proc = FakeProc(tmp_path)
     proc.process(10, 500, {0: "/dev/null", 3: "socket:[100]", 4: "socket:[300]"})
     proc.process(20, 600, {5: "socket:[200]", 6: "socket:[300]"})
+    proc.process(30, 700, {})
     owners = SocketOwners(tmp_path)
-    assert owners.owners({100, 200, 300}) == {100: 10, 200: 20, 300: 10}
-    assert owners.owners({100, 200, 300}) == {100: 10, 200: 20, 300: 10}
-    # socket 100 closed and its descriptor number reused: read again, no full read needed
+    assert snapshot(owners, {100, 200, 300}) == {100: 10, 200: 20, 300: 10}
+    assert owners.read() == {100: 10, 200: 20, 300: 10}
+    # socket 100 closed and its descriptor number reused: unknown to the read before the dump
+    # (same descriptors listed), read again once it is known closed; no full read needed
     proc.link(10, 3, "socket:[101]")
-    assert owners.owners({101, 200, 300})[101] == 10 and owners.full_reads == 0
+    assert 101 not in owners.read()
+    assert snapshot(owners, {101, 200, 300}, closed={100})[101] == 10
+    assert owners.full_reads == 0
     # a descriptor reused while its old socket lives on elsewhere: the new one is unknown
     # until a full read, which also finds that pid 10 no longer holds 300
     proc.link(10, 4, "socket:[400]")
-    assert owners.owners({101, 200, 300, 400}) == {101: 10, 200: 20, 300: 20, 400: 10}
+    assert snapshot(owners, {101, 200, 300, 400}) == {101: 10, 200: 20, 300: 20, 400: 10}
     assert owners.full_reads == 1
     # pid 20 exited and another process got its pid (its socket 200 lives on in pid 10):
     # nothing read of the old process is kept, no full read needed
     proc.link(10, 7, "socket:[200]")
     proc.process(20, 900, {5: "socket:[500]"})
-    assert owners.owners({101, 200, 400, 500}) == {101: 10, 200: 10, 400: 10, 500: 20}
+    assert snapshot(owners, {101, 200, 400, 500}, closed={300}) == {101: 10, 200: 10, 400: 10,
+                                                                      500: 20}
     assert owners.full_reads == 1
-    # a socket nobody holds (a kernel socket): one full read, not one per snapshot
+    # a socket nobody holds (a kernel socket): one full read, not one per snapshot, until it
+    # is closed
     reads = owners.full_reads
     for _ in range(3):
-        assert 999 not in owners.owners({101, 200, 400, 500, 999})
+        assert 999 not in snapshot(owners, {101, 200, 400, 500, 999})
     assert owners.full_reads == reads + 1
+    snapshot(owners, {101, 200, 400, 500}, closed={999})
+    assert 999 not in snapshot(owners, {101, 200, 400, 500, 999})
+    assert owners.full_reads == reads + 2
 
 
 def test_owner_of_a_real_socket() -> None:
     with socket.socket() as sock:
         inode = os.fstat(sock.fileno()).st_ino
         owners = SocketOwners()
-        assert owners.owners({inode})[inode] == os.getpid()
-        assert owners.owners({inode})[inode] == os.getpid()
-    assert inode not in SocketOwners().owners(set())
+        assert owners.read()[inode] == os.getpid()
+        assert owners.read()[inode] == os.getpid()
+    assert inode not in SocketOwners().read()
