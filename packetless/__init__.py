@@ -1,1 +1,5 @@
 """Packetless package."""
+
+from packetless import registry_oauth
+
+registry_oauth.defer()

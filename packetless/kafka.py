@@ -44,10 +44,13 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 # With a spool, undeliverable records come back within 15 s (delivery report) and wait on disk,
 # librdkafka holds a bounded amount in memory, and a returning broker is noticed within 1 s.
+# A queued record costs about 1 KB resident (payload, librdkafka's copy, the delivery callback):
+# 10,000 of them are 0.15 s of a 65,000 records/s burst, which a live local broker keeps below
+# (3,000 queued at most, measured); more than that waits on disk while the broker stalls.
 SPOOL_PRODUCER: dict[str, Any] = {
     "message.timeout.ms": 15000,
-    "queue.buffering.max.messages": 50000,
-    "queue.buffering.max.kbytes": 65536,
+    "queue.buffering.max.messages": 10000,
+    "queue.buffering.max.kbytes": 16384,
     "reconnect.backoff.max.ms": 1000,
 }
 REPLAY_BATCH = 2000

