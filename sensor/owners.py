@@ -40,11 +40,13 @@ class SocketOwners:
         self.full_reads = 0
         self._processes: dict[int, _Fds] = {}
         self._gone: set[int] = set()  # sockets closed since the last read
+        self._trusted = 0  # descriptors the last ``read`` took from the one before, unread
         self._ownerless: set[int] = set()  # sockets no readable process held at a full read
 
     def read(self) -> dict[int, int]:
         """The owners of the sockets in /proc now."""
-        return self._read(full=False)
+        owners, self._trusted = self._read(full=False)
+        return owners
 
     def closed(self, inodes: Iterable[int]) -> None:
         """Sockets gone: the next read reads again the descriptors that held them."""
@@ -54,37 +56,42 @@ class SocketOwners:
     def complete(self, unknown: set[int]) -> dict[int, int]:
         """The owners in /proc now, read again for the ``unknown`` sockets: a socket still
         unknown after that takes a full read, once (a socket no process holds, a kernel one
-        say, does not cost a full read at every snapshot)."""
-        owners = self._read(full=False)
+        say, does not cost a full read at every snapshot), unless ``read`` took nothing unread
+        (a first read, or after a full one: what it read cannot be stale)."""
+        owners, _ = self._read(full=False)
         missing = unknown - owners.keys() - self._ownerless
-        if missing:
+        if missing and self._trusted:
             self.full_reads += 1
-            owners = self._read(full=True)
-            self._ownerless.update(missing - owners.keys())
+            owners, _ = self._read(full=True)
+        self._ownerless.update(missing - owners.keys())
         return owners
 
     def owned(self, inode: int, owners: dict[int, int]) -> bool:
         """Whether ``inode`` has an owner in ``owners`` or had none at a full read."""
         return inode in owners or inode in self._ownerless
 
-    def _read(self, full: bool) -> dict[int, int]:
-        """Processes are read from the highest pid down: a socket's last (lowest) pid wins."""
+    def _read(self, full: bool) -> tuple[dict[int, int], int]:
+        """The owners, and how many descriptors were taken from the previous read unread.
+        Processes are read from the highest pid down: a socket's last (lowest) pid wins."""
         owners: dict[int, int] = {}
         processes: dict[int, _Fds] = {}
         gone, self._gone = self._gone, set()
+        trusted = 0
         for pid in sorted((int(name) for name in os.listdir(self.proc) if name.isdigit()),
                           reverse=True):
             read = self._read_process(pid, None if full else self._processes.get(pid), gone)
             if read is not None:
-                processes[pid] = read
-                owners.update(dict.fromkeys(filter(None, read.inodes), pid))
+                processes[pid], unread = read
+                owners.update(dict.fromkeys(filter(None, processes[pid].inodes), pid))
+                trusted += unread
         self._processes = processes
-        return owners
+        return owners, trusted
 
-    def _read_process(self, pid: int, known: _Fds | None, gone: set[int]) -> _Fds | None:
-        """What process ``pid`` holds: ``known`` (its previous read) if it lists the same
-        descriptors and none held a socket ``gone``. None if the process exited or is not ours
-        to read."""
+    def _read_process(self, pid: int, known: _Fds | None, gone: set[int]
+                      ) -> tuple[_Fds, int] | None:
+        """What process ``pid`` holds, and how many of its descriptors were taken unread from
+        ``known`` (its previous read): all of them if it lists the same descriptors and none
+        held a socket ``gone``. None if the process exited or is not ours to read."""
         base = f"{self.proc}/{pid}"
         try:
             start = _start_time(base)
@@ -96,12 +103,13 @@ class SocketOwners:
             if known is None or known.start != start:
                 cached: dict[str, int] = {}
             elif known.listing == "\0".join(listed) and gone.isdisjoint(known.inodes):
-                return known
+                return known, len(listed)
             else:
                 cached = dict(zip(known.listing.split("\0") if known.listing else [],
                                   known.inodes, strict=True))
             names: list[str] = []
             inodes = array("Q")
+            unread = 0
             for fd in listed:
                 inode = cached.get(fd)
                 if inode is None or inode in gone:
@@ -110,13 +118,15 @@ class SocketOwners:
                     except OSError:  # closed meanwhile
                         continue
                     inode = int(target[8:-1]) if target.startswith("socket:[") else 0
+                else:
+                    unread += 1
                 names.append(fd)
                 inodes.append(inode)
         except OSError:
             return None
         finally:
             os.close(directory)
-        return _Fds(start, "\0".join(names), inodes)
+        return _Fds(start, "\0".join(names), inodes), unread
 
 
 def _start_time(base: str) -> str:
