@@ -18,7 +18,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -146,31 +145,76 @@ class EbpfOptions:
     map_fill_interval_s: float = 5.0
 
 
+class Flow(NamedTuple):
+    """What user space keeps of a followed flow between its START and END: what was last
+    reported, and the facts fixed for its life (its records' strings and address texts are
+    derived from them when a record is built). ``Live`` holds it packed."""
+
+    reported_ns: int  # when its counters were last reported
+    retrans: int  # the retransmits last reported (TCP)
+    bytes_sent: int  # the counters last reported
+    bytes_received: int
+    packets_sent: int
+    packets_received: int
+    start_ns: int
+    local_port: int
+    remote_port: int
+    proto: int  # PROTO_TCP or PROTO_UDP
+    role: int  # a key of ROLES
+    family: int  # AF_INET or AF_INET6: of the addresses as kept (see Live.new)
+    local_addr: bytes  # 4 bytes (AF_INET) or 16 (AF_INET6)
+    remote_addr: bytes
+
+
+REPORTED = struct.Struct("<QI4Q")  # the first fields of a Flow: rewritten at each report
+# a Flow packed: what was reported, the fixed facts, both addresses (by their length)
+PACKED = {length: struct.Struct(f"{REPORTED.format}Q2H3B{length}s{length}s") for length in (4, 16)}
+UNPACK = {packed.size: packed.unpack for packed in PACKED.values()}
+TRANSPORTS = {PROTO_TCP: "tcp", PROTO_UDP: "udp"}
+LAST = frozenset({"END", "FAILURE"})  # record types that end a flow
+
+
 @dataclass(slots=True)
 class Live:
-    """What user space remembers of a flow between its START and END (one per socket, so kept
-    small: no per-flow dict or text): the record fields that do not change during its life
-    (``FIXED``; strings and the owner's fields are shared between flows), what was reported."""
+    """A followed flow, kept small since there is one per socket (100,000 live sockets at
+    once): its ``Flow`` packed in one bytes object (112 bytes with IPv4 addresses, 128 with
+    IPv6, where Python ints, tuples and attributes took about 500) and the record fields of
+    its owner (see ``EbpfSensor._owner``; shared by the sockets of a process). Its cookie is
+    the key of the dict that holds it: with that key and the dict's entry, a TCP flow costs
+    about 230 bytes."""
 
-    cookie: int
-    start_ns: int
-    transport: str
-    family: str
-    role: str
-    local_ip: str
-    local_port: int
-    remote_ip: str
-    remote_port: int
-    owner: dict[str, Any] | None  # the owner's record fields (see _owner)
-    reported: tuple[int, ...] = ()
-    reported_ns: int = 0
-    retrans: int = 0
-    missing: bool = False  # gone from the kernel map at the previous scan
+    packed: bytes
+    owner: dict[str, Any] | None
 
+    @classmethod
+    def new(cls, proto: int, start_ns: int, role: int, family: int, laddr: bytes, lport: int,
+            raddr: bytes, rport: int, owner: dict[str, Any] | None) -> Live:
+        """A flow with nothing reported yet, from the kernel's facts. IPv4 addresses are kept
+        in 4 bytes, those an IPv6 socket has with an IPv4 peer (IPv4-mapped: reported as IPv4
+        anyway) too."""
+        if family == AF_INET:
+            laddr, raddr = laddr[:4], raddr[:4]
+        elif laddr[:12] == raddr[:12] == V4_MAPPED_PREFIX:
+            family, laddr, raddr = AF_INET, laddr[12:16], raddr[12:16]
+        return cls(PACKED[len(laddr)].pack(0, 0, 0, 0, 0, 0, start_ns, lport, rport, proto, role,
+                                           family, laddr, raddr), owner)
 
-FIXED = ("cookie", "start_ns", "transport", "family", "role", "local_ip", "local_port",
-         "remote_ip", "remote_port")
-_fixed = attrgetter(*FIXED)
+    def values(self) -> tuple[Any, ...]:
+        """The fields of its ``Flow``, in order (a plain tuple: cheaper to build)."""
+        return UNPACK[len(self.packed)](self.packed)
+
+    @property
+    def flow(self) -> Flow:
+        return Flow._make(self.values())
+
+    @property
+    def reported(self) -> tuple[int, ...]:
+        """(reported_ns, retrans, bytes_sent, bytes_received, packets_sent, packets_received)."""
+        return REPORTED.unpack_from(self.packed)
+
+    def report(self, ns: int, retrans: int, counters: tuple[int, ...]) -> None:
+        """Remember what was reported (``counters``: bytes and packets sent and received)."""
+        self.packed = REPORTED.pack(ns, retrans, *counters) + self.packed[REPORTED.size:]
 
 
 def available() -> tuple[bool, str]:
@@ -243,8 +287,9 @@ class EbpfSensor:
                           "boot_id": self.boot_id}
         self._id_prefix = hashlib.blake2b(f"{options.host_name}|{self.boot_id}|".encode(),
                                           digest_size=16)
-        self._addresses: dict[tuple[bytes, int], tuple[str, str]] = {}
+        self._addresses: dict[tuple[int, bytes, bytes], tuple[str, str, str]] = {}
         self._tcp: dict[int, Live] = {}
+        self._tcp_missing: set[int] = set()  # flows gone from the kernel map at the last scan
         self._udp: dict[UdpKey, Live] = {}
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}
         self._ended: OrderedDict[int, None] = OrderedDict()  # TCP cookies ended lately
@@ -357,24 +402,15 @@ class EbpfSensor:
                            state=TCP_STATES.get(ev.state),
                            previous_state=TCP_STATES.get(ev.oldstate))
 
-    def _live(self, transport: str, cookie: int, start_ns: int, role: int, family: int,
-              laddr: bytes, lport: int, raddr: bytes, rport: int,
-              owner: dict[str, Any] | None) -> Live:
-        """A followed flow with the fixed part of its records built once."""
-        fam, local = self._address(laddr, family)
-        _, remote = self._address(raddr, family)
-        return Live(cookie, start_ns, transport, fam, ROLES[role], local, lport, remote, rport,
-                    owner)
-
-    def _live_of(self, transport: str, ev: Event) -> Live:
-        return self._live(transport, ev.cookie, self._ns(ev.start_ns), ev.role, ev.family,
-                          ev.laddr, ev.lport, ev.raddr, ev.rport, self._owner(ev[OWNER]))
+    def _live_of(self, proto: int, ev: Event) -> Live:
+        return Live.new(proto, self._ns(ev.start_ns), ev.role, ev.family, ev.laddr, ev.lport,
+                        ev.raddr, ev.rport, self._owner(ev[OWNER]))
 
     def _tcp_start(self, ev: Event, synthesized: bool = False) -> Live | None:
         cookie = ev.cookie
         if cookie in self._ended or cookie in self._tcp:
             return None  # a first-I/O START racing the END on another CPU
-        live = self._tcp[cookie] = self._live_of("tcp", ev)
+        live = self._tcp[cookie] = self._live_of(PROTO_TCP, ev)
         self._emit("START", cookie, live, self._ns(ev.ts_ns),
                    counters=(0,) * 7 if synthesized else ev[COUNTERS], state="ESTABLISHED")
         return live
@@ -386,8 +422,9 @@ class EbpfSensor:
         if live is None and not failed:
             live = self._tcp_start(ev, synthesized=True)  # closed before any I/O, or lost
             self._tcp.pop(cookie, None)
+        self._tcp_missing.discard(cookie)
         if live is None:
-            live = self._live_of("tcp", ev)
+            live = self._live_of(PROTO_TCP, ev)
         elif live.owner is None and ev.owner_pid:
             live.owner = self._owner(ev[OWNER])
         if not failed:  # (a failed socket may connect() again)
@@ -404,10 +441,9 @@ class EbpfSensor:
         key = (ev.cookie, ev.raddr, ev.rport, ev.family)
         if key in self._udp:
             return
-        live = self._live_of("udp", ev)
+        live = self._live_of(PROTO_UDP, ev)
         self._udp_add(key, live)
-        live.reported_ns = live.start_ns
-        self._emit("START", ev.cookie, live, live.start_ns, counters=(0, 0, 0, 0))
+        self._emit("START", ev.cookie, live, self._ns(ev.start_ns), counters=(0, 0, 0, 0))
 
     def _udp_add(self, key: UdpKey, live: Live) -> None:
         self._udp[key] = live
@@ -446,37 +482,41 @@ class EbpfSensor:
         self._report_drops(now, always_drops)
 
     def _scan_tcp(self, now: int, interval: int) -> None:
-        seen: set[int] = set()
+        unseen = set(self._tcp)  # (the dict's own key objects: a set is all this costs)
         read: dict[int, int] | None = None  # bytes read by applications, by socket cookie
+        reported_of = REPORTED.unpack_from  # Live.reported, without a Python call per flow
         for key, f in self.maps["tcp_flows"].items():
             cookie = int(key)  # batch lookups give plain ints for integer keys
-            seen.add(cookie)
+            unseen.discard(cookie)
             live = self._tcp.get(cookie)
             if live is None:
                 if not f.flags & F_STARTED or cookie in self._ended:
                     continue
                 live = self._adopt_tcp(cookie, f)  # its START event was lost
-            live.missing = False
-            due = now - live.reported_ns >= interval
-            if not due and f.retrans <= live.retrans:
+            reported = reported_of(live.packed)
+            retrans = f.retrans
+            due = now - reported[0] >= interval
+            if not due and retrans <= reported[1]:
                 continue
-            if read is None:
-                read = {info.cookie: info.rx for _, info in self.maps["sk_cookie"].items()}
+            if read is None:  # (a socket that read nothing is left out: 0 is the default)
+                read = {info.cookie: rx for _, info in self.maps["sk_cookie"].items()
+                        if (rx := info.rx)}
             counters = _flow_counters(f, read.get(cookie, 0))
-            if f.retrans > live.retrans:
-                live.retrans = f.retrans
+            if retrans > reported[1]:
+                live.report(reported[0], retrans, reported[2:])
                 self._emit("RETRANSMIT", cookie, live, now, counters=counters, rtt=_rtt(f),
                            state="ESTABLISHED")
-            if due and counters != live.reported:
+            if due and counters != live.reported[2:]:
                 self._emit("UPDATE", cookie, live, now, counters=counters, rtt=_rtt(f),
                            state="ESTABLISHED")
-        for cookie in [c for c in self._tcp if c not in seen]:
-            live = self._tcp[cookie]
-            if live.missing:  # gone at two scans and no END arrived: the END was lost
-                del self._tcp[cookie]
-                self._emit("END", cookie, live, now, counters=live.reported)
+        missing = self._tcp_missing
+        self._tcp_missing = set()
+        for cookie in [c for c in self._tcp if c in unseen] if unseen else ():
+            if cookie in missing:  # gone at two scans and no END arrived: the END was lost
+                live = self._tcp.pop(cookie)
+                self._emit("END", cookie, live, now, counters=live.reported[2:])
             else:
-                live.missing = True
+                self._tcp_missing.add(cookie)
 
     def _owner_of(self, cookie: int) -> dict[str, Any] | None:
         """The owner the kernel recorded for a socket, for flows whose event did not carry it."""
@@ -486,12 +526,11 @@ class EbpfSensor:
         return self._owner(tuple(getattr(o, name) for name in Owner._fields))
 
     def _adopt_tcp(self, cookie: int, f: Any) -> Live:
-        live = self._live("tcp", cookie, self._ns(f.start_ns), f.role, f.family,
-                          bytes(f.laddr), f.lport, bytes(f.raddr), f.rport,
-                          self._owner_of(cookie))
+        start_ns = self._ns(f.start_ns)
+        live = Live.new(PROTO_TCP, start_ns, f.role, f.family, bytes(f.laddr), f.lport,
+                        bytes(f.raddr), f.rport, self._owner_of(cookie))
         self._tcp[cookie] = live
-        self._emit("START", cookie, live, live.start_ns, counters=(0, 0, 0, 0),
-                   state="ESTABLISHED")
+        self._emit("START", cookie, live, start_ns, counters=(0, 0, 0, 0), state="ESTABLISHED")
         return live
 
     def _scan_udp(self, now: int, interval: int) -> None:
@@ -501,11 +540,12 @@ class EbpfSensor:
             key = (ckey.cookie, bytes(ckey.raddr), ckey.rport, ckey.family)
             live = self._udp.get(key)
             if live is None:  # its START event was lost
-                live = self._live("udp", ckey.cookie, self._ns(value.start_ns), value.role,
-                                  ckey.family, bytes(value.laddr), value.lport, key[1],
-                                  ckey.rport, self._owner_of(ckey.cookie))
+                start_ns = self._ns(value.start_ns)
+                live = Live.new(PROTO_UDP, start_ns, value.role, ckey.family,
+                                bytes(value.laddr), value.lport, key[1], ckey.rport,
+                                self._owner_of(ckey.cookie))
                 self._udp_add(key, live)
-                self._emit("START", key[0], live, live.start_ns, counters=(0, 0, 0, 0))
+                self._emit("START", key[0], live, start_ns, counters=(0, 0, 0, 0))
             elif live.owner is None:  # a socket older than the sensor: owned at first I/O
                 live.owner = self._owner_of(ckey.cookie)
             counters = _udp_counters(value)
@@ -517,7 +557,7 @@ class EbpfSensor:
                     continue
                 self._emit("END", key[0], live, self._ns(value.last_ns),
                            counters=_udp_counters(value), reason="IDLE")
-            elif now - live.reported_ns >= interval and counters != live.reported:
+            elif now - (reported := live.reported)[0] >= interval and counters != reported[2:]:
                 self._emit("UPDATE", key[0], live, now, counters=counters)
 
     def _report_drops(self, now: int, always: bool) -> None:
@@ -553,14 +593,14 @@ class EbpfSensor:
         """Epoch nanoseconds of a bpf_ktime_get_boot_ns() value."""
         return boot_ns + self._boot_offset
 
-    def _address(self, raw: bytes, family: int) -> tuple[str, str]:
-        """``address``, remembered: a host talks with few addresses."""
-        key = (raw, family)
-        text = self._addresses.get(key)
-        if text is None:
-            if len(self._addresses) >= ADDRESS_CACHE:
-                self._addresses.clear()
-            text = self._addresses[key] = address(raw, family)
+    def _address(self, family: int, local: bytes, remote: bytes) -> tuple[str, str, str]:
+        """(ECS network.type, local, remote address text) of a flow's ends, remembered: a host
+        talks with few addresses."""
+        key = (family, local, remote)
+        if len(self._addresses) >= ADDRESS_CACHE:
+            self._addresses.clear()
+        network, local_text = address(local, family)
+        text = self._addresses[key] = (network, local_text, address(remote, family)[1])
         return text
 
     def _owner(self, facts: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -599,27 +639,36 @@ class EbpfSensor:
     def _emit(self, kind: str, cookie: int, live: Live, ts: int, *,
               counters: tuple[int, ...] = (), rtt: tuple[int, int, int] | None = None,
               **extra: Any) -> None:
+        values = live.values()
+        (_, retrans, _, _, _, _, start_ns, local_port, remote_port, proto, role, family,
+         local_addr, remote_addr) = values
+        network, local_ip, remote_ip = (self._addresses.get(values[-3:])  # family, addresses
+                                        or self._address(family, local_addr, remote_addr))
         record = self._template.copy()
-        record.update(zip(FIXED, _fixed(live), strict=True))
+        (record["cookie"], record["start_ns"], record["transport"], record["family"],
+         record["role"], record["local_ip"], record["local_port"], record["remote_ip"],
+         record["remote_port"]) = (cookie, start_ns, TRANSPORTS[proto], network, ROLES[role],
+                                   local_ip, local_port, remote_ip, remote_port)
         if live.owner is not None:
             record.update(live.owner)
         record["type"] = kind
         record["timestamp_ns"] = ts
-        record["event_id"] = self._event_id(
-            f"{live.cookie}|{live.remote_ip}:{live.remote_port}|{kind}", ts)
+        record["event_id"] = self._event_id(f"{cookie}|{remote_ip}:{remote_port}|{kind}", ts)
         if kind != "START":
-            record["duration_ns"] = max(0, ts - live.start_ns)
+            record["duration_ns"] = max(0, ts - start_ns)
         if counters:
+            reported = counters[:4]
             (record["bytes_sent"], record["bytes_received"], record["packets_sent"],
-             record["packets_received"]) = live.reported = counters[:4]
-            live.reported_ns = ts
+             record["packets_received"]) = reported
+            if kind not in LAST:  # a flow's last record: its Live is dropped
+                live.report(ts, retrans, reported)
             if len(counters) > 4:
                 record["srtt_us"], record["rttvar_us"], record["retransmits"] = counters[4:7]
         if rtt is not None:
             record["srtt_us"], record["rttvar_us"], record["retransmits"] = rtt
         if extra:
             record.update(extra)
-        self.publish(TOPIC, f"{self.options.host_name}:{live.cookie}", record)
+        self.publish(TOPIC, f"{self.options.host_name}:{cookie}", record)
 
 
 def _flow_counters(f: Any, read: int) -> tuple[int, ...]:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -282,6 +283,77 @@ def test_end_reasons() -> None:
     assert ebpf.end_reason(ebpf.EV_END, ebpf.F_RST_IN | ebpf.F_ESTABLISHED, 1) == "RESET_RECEIVED"
     assert ebpf.end_reason(ebpf.EV_END, ebpf.F_ESTABLISHED | ebpf.F_RELEASED, 1) == "RESET_SENT"
     assert ebpf.end_reason(ebpf.EV_END, ebpf.F_ESTABLISHED, 9) == "CLOSED"
+
+
+def test_live_packs_its_flow() -> None:
+    """A followed flow's compact record gives back the kernel's facts and what was reported
+    (64-bit counters whole); IPv4 addresses, IPv4-mapped ones too, take 4 bytes, IPv6 16."""
+    mapped = ebpf.V4_MAPPED_PREFIX + bytes([10, 1, 2, 3])
+    peer = ebpf.V4_MAPPED_PREFIX + bytes([10, 9, 8, 7])
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00::1")
+    owner = {"cgroup_id": 7}
+    for family, local, remote, kept in [
+            (ebpf.AF_INET, mapped[12:] + bytes(12), peer[12:] + bytes(12),
+             (ebpf.AF_INET, mapped[12:], peer[12:])),
+            (ebpf.AF_INET6, mapped, peer, (ebpf.AF_INET, mapped[12:], peer[12:])),
+            (ebpf.AF_INET6, v6, peer, (ebpf.AF_INET6, v6, peer))]:
+        live = ebpf.Live.new(ebpf.PROTO_TCP, 2**62 + 1, 2, family, local, 40000, remote, 443,
+                             owner)
+        fixed = (2**62 + 1, 40000, 443, ebpf.PROTO_TCP, 2, *kept)
+        assert live.flow == ebpf.Flow(0, 0, 0, 0, 0, 0, *fixed) and live.owner is owner
+        live.report(2**63 + 5, 2**32 - 1, (2**64 - 1, 0, 2**40, 3))
+        assert live.flow == ebpf.Flow(2**63 + 5, 2**32 - 1, 2**64 - 1, 0, 2**40, 3, *fixed)
+        assert live.reported == live.flow[:6] and live.values() == tuple(live.flow)
+        assert len(live.packed) == ebpf.PACKED[len(kept[1])].size
+    assert ebpf.Live.new(ebpf.PROTO_UDP, 1, 0, ebpf.AF_INET, bytes(16), 53, bytes(16), 53,
+                         None).flow.proto == ebpf.PROTO_UDP
+
+
+def test_followed_flows_stay_small_and_report_the_same() -> None:
+    """20,000 TCP flows started by kernel events (decoded as poll() does) take at most 250 bytes
+    each, dict entry and key included; the records built from the compact state carry the
+    flow's fields, and its END its START's."""
+    last: dict[str, dict[str, Any]] = {}  # the last record of each type (all kept: too big)
+    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"),
+                             lambda _topic, _key, record: last.update({record["type"]: record}))
+    count, cookie0, start = 20_000, 2**45, 10**15
+    local = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
+    remote = socket.inet_pton(socket.AF_INET, "127.0.0.2") + bytes(12)
+
+    def events(kind: int, sent: int, oldstate: int) -> bytes:
+        return b"".join(ebpf.EVENT.pack(
+            start + 10**9, cookie0 + i, start, sent, 2 * sent, 3, 4, 50, 20, 0, local, remote,
+            40000 + i % 20000, 8080, ebpf.AF_INET, kind, ebpf.PROTO_TCP, 1, 1, oldstate, 0, 0,
+            os.getpid(), os.getpid(), 0, 0, b"python", 1, 0) for i in range(count))
+
+    def handle(data: bytes) -> None:
+        for values in ebpf.EVENT.iter_unpack(data):
+            sensor._handle(ebpf.Event._make(values))
+
+    starts, ends = events(ebpf.EV_START, 10, 2), events(ebpf.EV_END, 1000 + 2**33, 9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        handle(starts)
+        per_flow = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    print(f"\n{per_flow:.0f} bytes per followed TCP flow")
+    assert len(sensor._tcp) == count and per_flow <= 250
+    handle(ends)
+    assert not sensor._tcp
+    end = last["END"]
+    assert last["START"]["start_ns"] == end["start_ns"] and last["START"]["bytes_sent"] == 10
+    assert {k: end[k] for k in ("type", "cookie", "transport", "family", "role", "local_ip",
+                                "local_port", "remote_ip", "remote_port", "start_ns",
+                                "duration_ns", "bytes_sent", "bytes_received", "state",
+                                "previous_state", "reason")} == {
+        "type": "END", "cookie": cookie0 + count - 1, "transport": "tcp", "family": "ipv4",
+        "role": "CLIENT", "local_ip": "127.0.0.1", "local_port": 40000 + (count - 1) % 20000,
+        "remote_ip": "127.0.0.2", "remote_port": 8080,
+        "start_ns": sensor._ns(start), "duration_ns": 10**9, "bytes_sent": 1000 + 2**33,
+        "bytes_received": 2 * (1000 + 2**33), "state": "CLOSE", "previous_state": "LAST_ACK",
+        "reason": "CLOSED"}
 
 
 def test_available_explains() -> None:
