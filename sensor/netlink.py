@@ -407,14 +407,13 @@ def _walk(family: int, data: bytes, offset: int, end: int) -> DiagDetails:
     return out
 
 
-_TCP_RECORD = dict.fromkeys((*_TCP_NAMES, "congestion"))
+_PACING_UNLIMITED = U64_MAX >> 1  # pacing rates from here up are the kernel's "unlimited"
 
 
 def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]:
     """The SocketTcpInfo record of an unpacked ``_TCP_INFO`` (fields in ``_TCP_NAMES`` order)."""
-    record = _TCP_RECORD.copy()  # all keys in place: filling it resizes nothing
-    record.update(zip(_TCP_NAMES, info, strict=True))
-    if record["pacing_rate"] >= U64_MAX >> 1:  # the kernel's "unlimited"
+    record = dict(zip(_TCP_NAMES, info, strict=True))
+    if record["pacing_rate"] >= _PACING_UNLIMITED:
         record["pacing_rate"] = None
     record["delivery_rate"] = record["delivery_rate"] or None
     record["congestion"] = congestion
