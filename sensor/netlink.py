@@ -383,15 +383,20 @@ def _fields(family: int, data: bytes, offset: int, end: int,
             values[layout.cgroup_id] if layout.cgroup_id is not None else None)
 
 
+def _endpoints(family: int, sport: int, dport: int, src: bytes, dst: bytes
+               ) -> tuple[int, int, str, str]:
+    """Ports and address texts of an inet_diag_msg's id (network byte order, 16-byte fields)."""
+    size = 4 if family == socket.AF_INET else 16
+    return (socket.ntohs(sport), socket.ntohs(dport), _address(family, src[:size]),
+            _address(family, dst[:size]))
+
+
 def _walk(family: int, data: bytes, offset: int, end: int) -> DiagDetails:
     """``details`` of the message ``data[offset:end]`` by walking its attributes one by one."""
     body = offset + _NLMSGHDR.size
     (_family, _state, _timer, _retrans, sport, dport, src, dst, ifindex, _cookie, _expires,
      _rqueue, _wqueue, _uid, _inode) = _INET_DIAG_MSG.unpack_from(data, body)
-    size = 4 if family == socket.AF_INET else 16
-    out = DiagDetails(socket.ntohs(sport), socket.ntohs(dport),
-                      socket.inet_ntop(family, src[:size]),
-                      socket.inet_ntop(family, dst[:size]), ifindex)
+    out = DiagDetails(*_endpoints(family, sport, dport, src, dst), ifindex)
     for attr_type, at, attr_len in _attrs(data, body + _INET_DIAG_MSG.size, end):
         start, size = at + _RTATTR.size, attr_len - _RTATTR.size
         if attr_type == INET_DIAG_INFO:
@@ -436,6 +441,7 @@ class _Snapshot:
     """State shared by the per-socket conversions of one snapshot."""
 
     now_ms: int
+    every: int  # idle sockets are republished every ``every`` snapshots
     owners: dict[int, int]
     processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
@@ -450,6 +456,7 @@ class _Snapshot:
 _KEPT = struct.Struct("=qIiBB72sQ16s")
 _KEPT_FIELDS = 8
 _KEPT_TCP = struct.Struct(_KEPT.format + "".join(fmt for name, fmt in _TCP_LAYOUT if name))
+_KEPT_SIGNATURE = struct.Struct("=q")  # the first field of a row
 _HAS_CGROUP = 1
 Kept = tuple[bytes, dict[str, Any] | None, str | None]  # the row, process, container id
 
@@ -473,7 +480,7 @@ def _keep(signature: int, netns: int, pid: int | None, dump: _Dump, data: bytes,
 
 
 def _kept_signature(kept: Kept) -> int:
-    return _KEPT.unpack_from(kept[0])[0]
+    return _KEPT_SIGNATURE.unpack_from(kept[0])[0]
 
 
 def _kept_record(kept: Kept) -> tuple[int, dict[str, Any]]:
@@ -484,10 +491,9 @@ def _kept_record(kept: Kept) -> tuple[int, dict[str, Any]]:
     family, _protocol, transport, family_name = DUMPS[kind]
     (_family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie, _expires,
      rqueue, wqueue, uid, inode) = _INET_DIAG_MSG.unpack(diag)
-    size = 4 if family == socket.AF_INET else 16
-    fields = (socket.ntohs(sport), socket.ntohs(dport), _address(family, src[:size]),
-              _address(family, dst[:size]), ifindex, values[_KEPT_FIELDS:] or None,
-              _congestion(congestion) or None, cgroup_id if flags & _HAS_CGROUP else None)
+    fields = (*_endpoints(family, sport, dport, src, dst), ifindex,
+              values[_KEPT_FIELDS:] or None, _congestion(congestion) or None,
+              cgroup_id if flags & _HAS_CGROUP else None)
     return netns, _record(transport, family_name, (state, cookie, rqueue, wqueue, uid, inode),
                           fields, None if pid < 0 else pid, process, container_id)
 
@@ -543,7 +549,6 @@ class NetlinkSensor:
             ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
         self._previous: dict[int, Kept] = {}  # cookie -> what is kept of the socket
-
         self._count = 0
         self._containers_seen: set[str] = set()
         self._owners = SocketOwners(options.proc)
@@ -591,7 +596,7 @@ class NetlinkSensor:
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
         self._count += 1
-        state = _Snapshot(now_ms, self._owners.read())
+        state = _Snapshot(now_ms, max(1, options.unchanged_every), self._owners.read())
         current: dict[int, Kept] = {}
         waiting: list[tuple[Namespace, _Dump, Message]] = []
         dumped: set[int] = set()
@@ -647,7 +652,7 @@ class NetlinkSensor:
         signature = _signature(head, pid)
         last = self._previous.get(cookie)
         if last is not None and _kept_signature(last) == signature \
-                and (self._count + cookie) % max(1, self.options.unchanged_every):
+                and (self._count + cookie) % state.every:
             current[cookie] = last
             return None
         record, current[cookie] = self._socket_record(dump, message, namespace, state, pid,

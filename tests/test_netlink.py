@@ -606,7 +606,7 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
                                           other_namespaces=False))
     namespace = next(iter(netlink.discover_namespaces(other=False).values()))
     with _varied_sockets():
-        state = netlink._Snapshot(0, sensor._owners.read())
+        state = netlink._Snapshot(0, 1, sensor._owners.read())
         found = list(sensor._messages(namespace))
     compared, kinds = 0, set()
     for dump, message in found:
