@@ -1,5 +1,6 @@
-"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items, prints their
-tables and writes bench/RESULTS.md (machine, load, command lines, numbers, targets met).
+"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items (3 includes 3c,
+which ``--items 3c`` runs alone), prints their tables and writes bench/RESULTS.md (machine,
+load, command lines, numbers, targets met).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> int:
         ("2", "2. Overhead", lambda: [overhead.run(run_dir / "overhead", args.quick)]),
         ("3", "3a. Capacity", lambda: [capacity.run(run_dir / "capacity", args.quick)]),
         ("3", "3b. Worker", lambda: [pipeline.worker_rate(run_dir / "worker", args.quick)]),
+        ("3c", "3c. Whole sensor", lambda: [capacity.run_sensor(run_dir / "sensor", args.quick)]),
         ("4", "4./5. Latency and memory",
          lambda: pipeline.with_sensor(run_dir / "stack", args.quick, "4" in wanted,
                                       "5" in wanted)),
@@ -74,6 +76,8 @@ def main() -> int:
     ]
     if "5" in wanted:
         wanted.add("4")
+    if "3" in wanted:
+        wanted.add("3c")
     items: list[Item] = []
     loads: list[str] = []
     for key, title, fn in steps:

@@ -76,10 +76,14 @@ def make_publish(publisher: Publisher, on_container: Callable[[str], object]) ->
     metadata of a container first seen in the kernel gets published, sends."""
 
     lost_seen = 0
+    counted: dict[str, Any] = {}  # suffix -> its EVENTS child (labels() costs more than inc())
 
     def publish(suffix: str, key: str, record: dict[str, Any]) -> None:
         nonlocal lost_seen
-        EVENTS.labels(TOPIC_TYPES.get(suffix, suffix)).inc()
+        events = counted.get(suffix)
+        if events is None:
+            events = counted[suffix] = EVENTS.labels(TOPIC_TYPES.get(suffix, suffix))
+        events.inc()
         if suffix == "raw.ebpf" and record.get("drops"):
             lost = record["drops"]["ring_buffer"]  # cumulative since the sensor started
             LOST.inc(max(0, lost - lost_seen))

@@ -1,0 +1,170 @@
+"""Codec's fast writer (cavro, shared fields' bytes reused) writes the very bytes of
+AvroSerializer and fastavro: records as the eBPF sensor builds them, and generated ones."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from typing import Any
+
+import fastavro
+import fastavro.schema
+import pytest
+from confluent_kafka.serialization import MessageField, SerializationContext
+from fastavro.utils import generate_many
+
+import schemas
+from packetless import serde
+from packetless.config import Settings
+from packetless.serde import SHARED_CACHE, Codec, RecordWriter
+from packetless.topics import topic_name
+from sensor import ebpf, netlink
+
+
+def _fastavro(schema: dict[str, Any], value: dict[str, Any]) -> bytes:
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, fastavro.parse_schema(schema), value)
+    return out.getvalue()
+
+
+def sensor_records() -> list[dict[str, Any]]:
+    """raw.ebpf records made by ``EbpfSensor._emit``: START/UPDATE/END/FAILURE of TCP and UDP
+    flows, IPv4 and IPv6, owned by this process, by a vanished one (nulls) and by none."""
+    records: list[dict[str, Any]] = []
+    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"),
+                             lambda _t, _k, rec: records.append(rec))
+    me = os.getpid()
+    owners = [sensor._owner((1, me, me, 0, 0, b"python\0", 1, 0)),
+              sensor._owner((7, 2**22 + 1, 2**22 + 1, 1000, 1000, b"gone\0", 2, 0)),  # no /proc
+              None]
+    v4 = socket.inet_pton(socket.AF_INET, "127.0.0.1") + bytes(12)
+    v6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    mapped = ebpf.V4_MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, "10.1.2.3")
+    flows = [(ebpf.PROTO_TCP, ebpf.AF_INET, v4, v4), (ebpf.PROTO_TCP, ebpf.AF_INET6, v6, v6),
+             (ebpf.PROTO_UDP, ebpf.AF_INET6, mapped, mapped), (ebpf.PROTO_UDP, ebpf.AF_INET, v4, v4)]
+    cookie = 0
+    for owner in owners:
+        for proto, family, laddr, raddr in flows:
+            cookie += 1
+            live = ebpf.Live.new(proto, 10**18, 1 + cookie % 2, family, laddr, 40000 + cookie,
+                                 raddr, 443, owner)
+            sensor._emit("START", cookie, live, 10**18 + 1)
+            sensor._emit("UPDATE", cookie, live, 10**18 + 2, counters=(1, 2**40, 3, 4, 50, 5, 0))
+            sensor._emit("END", cookie, live, 10**18 + 3, counters=(5, 6, 7, 8), rtt=(60, 7, 1),
+                         reason="RESET_RECEIVED")
+            sensor._emit("FAILURE", cookie, live, 10**18 + 4, reason="REFUSED",
+                         error="ECONNREFUSED", state="SYN_SENT")
+    return records
+
+
+def test_sensor_records_are_varied() -> None:
+    records = sensor_records()
+    assert {r["type"] for r in records} == {"START", "UPDATE", "END", "FAILURE"}
+    assert {r["family"] for r in records} == {"ipv4", "ipv6"}
+    assert any(r["process"] is None for r in records)
+    assert any(r["process"] and r["process"]["exe"] is None for r in records)  # vanished owner
+    assert any(r["process"] and r["process"]["pid"] == os.getpid() for r in records)
+
+
+def test_writer_writes_fastavro_bytes() -> None:
+    schema = schemas.load("EbpfEvent")
+    write = RecordWriter(schema, ("process",))
+    records = sensor_records()
+    for rec in records + records:  # the second time the process bytes come from the cache
+        assert write(rec) == _fastavro(schema, rec), rec["type"]
+
+
+@pytest.mark.parametrize("name", schemas.names())
+def test_writer_cut_at_any_field(name: str) -> None:
+    """Cut at each field in turn (named types defined before the cut used after it too)."""
+    schema = schemas.load(name)
+    records = list(generate_many(schema, 15))
+    expected = [_fastavro(schema, rec) for rec in records]
+    for field in [None, *schema["fields"]]:
+        write = RecordWriter(schema, () if field is None else (field["name"],))
+        assert [write(rec) for rec in records] == expected, (name, field and field["name"])
+
+
+def _record_fields(schema: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Fields of ``schema`` holding a record (or null or a record), with that record's fields."""
+    out = []
+    for field in fastavro.schema.expand_schema(schema)["fields"]:
+        kind = field["type"]
+        branches = kind if isinstance(kind, list) else [kind]
+        records = [b for b in branches if isinstance(b, dict) and b.get("type") == "record"]
+        if len(records) == 1 and len(branches) - ("null" in branches) == 1:
+            out.append((field["name"], [f["name"] for f in records[0]["fields"]]))
+    return out
+
+
+@pytest.mark.parametrize("name", schemas.names())
+def test_writer_cut_inside_any_record_field(name: str) -> None:
+    """A shared path into a nested record (``socket.process``), at each of its fields."""
+    schema = schemas.load(name)
+    records = list(generate_many(schema, 15))
+    expected = [_fastavro(schema, rec) for rec in records]
+    for outer, inner in _record_fields(schema):
+        for field in inner:
+            write = RecordWriter(schema, (f"{outer}.{field}",))
+            assert [write(rec) for rec in records + records] == expected + expected, \
+                (name, outer, field)
+
+
+def test_netlink_records_with_shared_processes() -> None:
+    """Records of a real Netlink snapshot (sockets of this process, of others, none; interfaces;
+    closed sockets), the process of each socket written once per process record."""
+    schema = schemas.load("NetlinkEvent")
+    write = RecordWriter(schema, serde.SHARED_FIELDS["packetless.NetlinkEvent"])
+    sensor = netlink.NetlinkSensor(netlink.NetlinkOptions(other_namespaces=False))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        client.sendall(b"x" * 1000)
+        accepted.recv(1000)
+        records = [rec for _, rec in sensor.events()]
+        client.close()
+        accepted.close()
+    records += [rec for _, rec in sensor.events()]
+    kinds = {rec["kind"] for rec in records}
+    assert kinds == {"SOCKET", "SOCKET_CLOSED", "INTERFACE"}, kinds
+    mine = [rec for rec in records if rec["socket"] and rec["socket"]["process"]
+            and rec["socket"]["process"]["pid"] == os.getpid()]
+    assert mine and all(rec["socket"]["tcp"] for rec in mine)
+    for rec in records + records:
+        assert write(rec) == _fastavro(schema, rec), rec["kind"]
+
+
+def test_shared_bytes_follow_the_value_object() -> None:
+    """A shared value's bytes are reused for the same object only, also beyond the cache size."""
+    schema = schemas.load("EbpfEvent")
+    write = RecordWriter(schema, ("process",))
+    base = sensor_records()[0]
+    for i in range(SHARED_CACHE + 10):
+        rec = {**base, "process": {**base["process"], "pid": i, "args": [str(i)] * (i % 3)}}
+        assert write(rec) == _fastavro(schema, rec)
+
+
+def test_unfit_records_raise_value_errors() -> None:
+    """make_publish sends records that raise these to the dead letter topic."""
+    write = RecordWriter(schemas.load("EbpfEvent"), ("process",))
+    good = sensor_records()[0]
+    for bad in ({**good, "local_port": "x"}, {**good, "cookie": 2**70},
+                {**good, "process": {**good["process"], "pid": None}},
+                {**good, "process": {**good["process"], "comm": "x\udcff"}},  # not UTF-8
+                {k: v for k, v in good.items() if k != "host_name"}):
+        with pytest.raises((ValueError, TypeError, OverflowError)):
+            write(bad)
+
+
+@pytest.mark.kafka
+def test_codec_encode_is_avro_serializer_bytes(settings: Settings) -> None:
+    """Codec.encode (fast after the first record) against the plain AvroSerializer."""
+    codec = Codec(settings)
+    plain = codec.serializer("raw.ebpf")
+    ctx = SerializationContext(topic_name(settings, "raw.ebpf"), MessageField.VALUE)
+    records = sensor_records()
+    assert [codec.encode("raw.ebpf", r) for r in records + records] == \
+        [plain(r, ctx) for r in records + records]
+    with pytest.raises(ValueError):
+        codec.encode("raw.ebpf", {**records[0], "remote_port": "https"})
