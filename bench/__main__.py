@@ -1,5 +1,5 @@
-"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items (3 includes 3c,
-which ``--items 3c`` runs alone), prints their tables and writes bench/RESULTS.md (machine,
+"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items (3 includes 3c and 3d,
+each of which ``--items 3c`` or ``3d`` runs alone), prints their tables and writes bench/RESULTS.md (machine,
 load, command lines, numbers, targets met).
 """
 
@@ -69,6 +69,8 @@ def main() -> int:
         ("3", "3a. Capacity", lambda: [capacity.run(run_dir / "capacity", args.quick)]),
         ("3", "3b. Worker", lambda: [pipeline.worker_rate(run_dir / "worker", args.quick)]),
         ("3c", "3c. Whole sensor", lambda: [capacity.run_sensor(run_dir / "sensor", args.quick)]),
+        ("3d", "3d. Worker backlog",
+         lambda: [pipeline.worker_backlog(run_dir / "worker-backlog", args.quick)]),
         ("4", "4./5. Latency and memory",
          lambda: pipeline.with_sensor(run_dir / "stack", args.quick, "4" in wanted,
                                       "5" in wanted)),
@@ -77,7 +79,7 @@ def main() -> int:
     if "5" in wanted:
         wanted.add("4")
     if "3" in wanted:
-        wanted.add("3c")
+        wanted.update(("3c", "3d"))
     items: list[Item] = []
     loads: list[str] = []
     for key, title, fn in steps:

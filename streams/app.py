@@ -5,14 +5,23 @@ Stages: raw stage (a librdkafka consumer thread outside Faust: decode, dead-lett
 by flow 5-tuple) -> flows agent (flows table, flow events, activity repartitioned by
 container/pod) -> windows agent (windows table, ContainerMetrics). Timeouts and window closing
 run on tick records that a timer sends to each assigned partition, so that every table change
-happens in stream context and is changelogged. Every stage works on batches (one internal
-message per partition per batch, one table write per key per batch); output records go through
+happens in stream context and is changelogged. Every stage works on batches (internal messages
+of at most ``MESSAGE_ROWS`` items, one table write per key per batch); output records go through
 librdkafka, flushed before the batch's table writes and before its input is acked.
+
+Memory stays bounded however far behind the worker is (it reads more slowly, it does not grow):
+librdkafka reads at most ``RAW_PREFETCH_KB`` of raw records ahead; Faust holds at most
+``QUEUE_MESSAGES`` internal messages per topic and an agent takes ``BATCH_MESSAGES`` at a time;
+a flows batch ends at ``FLOW_BATCH`` observations (and a tick loads at most that many due flows),
+so its output records and table writes are bounded too; a stage waits until at most
+``CHANGELOG_PENDING`` of its table writes wait for Faust's producer; RocksDB memtables and
+block cache per table partition are ``ROCKSDB``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import threading
 import time
@@ -68,7 +77,7 @@ from streams.flows import (
     observe,
 )
 from streams.meta import MetaCache
-from streams.raw import AvroEncoder, Listeners, RawDecoder, from_ebpf, from_netlink
+from streams.raw import Listeners, RawDecoder, from_ebpf, from_netlink
 from streams.records import container_of, enrichment, flow_record
 from streams.windows import EntityState, WindowConfig
 
@@ -80,6 +89,17 @@ LOCAL_KEY = b"\x00local"  # ... or [host, address] pairs of local sockets (see R
 LOCAL_RESEND_S = 30.0  # how often a raw stage sends all the local addresses it knows again
 BATCH_MAX = 5000  # records per batch of a stage
 MESSAGE_BYTES = 900_000  # an internal message stays below Kafka's default limit (1 MiB)
+MESSAGE_ROWS = 1000  # items per internal message
+FLOW_BATCH = 20_000  # observations and due flows per batch of the flows stage
+BATCH_MESSAGES = 128  # internal messages an agent takes at a time
+QUEUE_MESSAGES = 256  # internal messages Faust holds per topic (it stops fetching at 80 %)
+RAW_PREFETCH_KB = 16384  # raw records librdkafka reads ahead of the raw stage
+CHANGELOG_PENDING = BATCH_MAX  # table writes Faust may hold unsent when a batch ends
+CHANGELOG_BATCH_BYTES = 262_144  # per changelog partition and request (Faust's default: 16 KiB)
+# RocksDB of each table partition: 2 memtables of 8 MiB, 16 MiB of block cache (Faust's
+# defaults: 3 of 64 MiB and 2 GiB)
+ROCKSDB = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
+           "block_cache_size": 16 << 20}
 BATCH_WITHIN_S = 0.02  # a stage waits at most this long to fill a batch
 METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
 PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
@@ -178,12 +198,14 @@ class Touched:
 
 @dataclass
 class FlowBatch:
-    """What one batch of the flows stage touched: flows by key, activity by partition, and the
-    table writes (key, value; None deletes) with the event each belongs to."""
+    """What one batch of the flows stage touched: flows by key, activity by partition, the
+    table writes (key, value; None deletes) with the event each belongs to, and its size
+    (observations and due flows folded in)."""
 
     flows: dict[bytes, Touched] = field(default_factory=dict)
     activity: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     writes: list[tuple[Any, bytes, bytes | None]] = field(default_factory=list)
+    size: int = 0
 
 
 class Outputs:
@@ -243,9 +265,8 @@ class RawStage:
         self.group = group
         self.partitions = partitions
         self.metrics = metrics
-        codec = Codec(settings)
-        self.decoder = RawDecoder(codec)
-        self.encoder = AvroEncoder(codec)
+        self.codec = Codec(settings)
+        self.decoder = RawDecoder(self.codec)
         self.outputs = Outputs(settings)
         self.outputs.topics["sockets"] = sockets_topic
         self.listeners = Listeners()
@@ -259,7 +280,8 @@ class RawStage:
         self.consumer = Consumer({**settings.kafka_config(), "group.id": f"{group}-raw",
                                   "enable.auto.commit": True, "enable.auto.offset.store": False,
                                   "auto.offset.reset": "earliest", "session.timeout.ms": 10000,
-                                  "heartbeat.interval.ms": 2000})
+                                  "heartbeat.interval.ms": 2000,
+                                  "queued.max.messages.kbytes": RAW_PREFETCH_KB})
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set (within a batch interval); closes the consumer."""
@@ -360,7 +382,7 @@ class RawStage:
         """Keep ``msg`` unchanged on the DLQ with why it could not be processed."""
         self.metrics.dead.labels(kind).inc()
         ts_type, ts = msg.timestamp()
-        value = self.encoder.encode("dlq", dead_letter_record(
+        value = self.codec.encode("dlq", dead_letter_record(
             topic=msg.topic(), partition=msg.partition(), offset=msg.offset(),
             timestamp_ms=ts if ts_type != TIMESTAMP_NOT_AVAILABLE else None, key=msg.key(),
             value=msg.value(), headers=list(msg.headers() or []), kind=kind, reason=reason,
@@ -377,7 +399,6 @@ class Worker:
         self.options = options
         self.codec = Codec(settings)
         self.decoder = RawDecoder(self.codec)
-        self.encoder = AvroEncoder(self.codec)
         self.outputs = Outputs(settings)
         self.local = LocalAddresses()
         self.entity_cache: dict[int, dict[bytes, EntityState]] = {}
@@ -405,6 +426,7 @@ class Worker:
             # a killed worker's partitions move after 10 s instead of Faust's 60
             broker_session_timeout=10.0, broker_heartbeat_interval=2.0,
             producer_linger=0.02,  # batch the many small output records
+            producer_max_batch_size=CHANGELOG_BATCH_BYTES,  # a flow's state is a few KiB
         )
         app = self.app
         # table writes wait in Faust's producer buffer; past 100 it stalls the streams in
@@ -413,16 +435,18 @@ class Worker:
 
         # values are JSON lists (``_fitting``) read by the agents with orjson (``_items``)
         self.sockets_topic = app.topic(f"{workers_group}-sockets", internal=True, partitions=n,
-                                       key_serializer="raw", value_serializer="raw")
+                                       key_serializer="raw", value_serializer="raw",
+                                       maxsize=QUEUE_MESSAGES)
         self.activity_topic = app.topic(f"{workers_group}-activity", internal=True, partitions=n,
-                                        key_serializer="raw", value_serializer="raw")
+                                        key_serializer="raw", value_serializer="raw",
+                                        maxsize=QUEUE_MESSAGES)
         self.outputs.topics["activity"] = self.activity_topic.get_topic_name()
         # keys are bytes, values the JSON of the dataclasses' state (``_json``, ``_state``):
         # encoded once here, where Faust's JSON serializer would encode twice (store, changelog)
         self.flows = app.Table("flows", default=None, partitions=n, key_type=bytes,
-                               value_type=bytes)
+                               value_type=bytes, options=dict(ROCKSDB))
         self.entities = app.Table("entities", default=None, partitions=n, key_type=bytes,
-                                  value_type=bytes)
+                                  value_type=bytes, options=dict(ROCKSDB))
         app.agent(self.sockets_topic, name="flows")(self.flows_agent)
         app.agent(self.activity_topic, name="windows")(self.windows_agent)
         app.timer(options.tick_s)(self.tick)
@@ -480,31 +504,48 @@ class Worker:
 
     async def flows_agent(self, stream: faust.StreamT) -> None:
         """Batches of observations and ticks: each flow touched is read from the table once,
-        settled once, and written back once per batch."""
+        settled once, and written back once per batch. A batch ends after the message that
+        brought it to ``FLOW_BATCH`` observations or due flows, so that what it holds stays
+        bounded however far behind the stage is; the batches of one take share its time."""
         await self.meta_ready.wait()
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             batch = FlowBatch()
             for event in events:
                 if event.key == TICK:
                     self.flows_tick(event, now, batch)
-                    continue
-                if event.key == LOCAL_KEY:
+                elif event.key == LOCAL_KEY:
                     for host, ip in self._items(event, "flows"):
                         self.local.add(host, ip)
-                    continue
-                for item in self._items(event, "flows"):
-                    try:
-                        self.flow_event(event, Observation.from_row(item), now, batch)
-                    except Exception:  # a bug must not stop the stream; counted and logged
-                        self.metrics.errors.labels("flows").inc()
-                        log.exception("flows: cannot process %r", item)
-            self.settle(batch, now)
-            for partition, items in batch.activity.items():
-                for data in _fitting(items):
-                    self.outputs.send("activity", BATCH_KEY, data, partition)
-            await self.outputs.flush()
-            _write(self.flows, batch.writes)
+                else:
+                    for item in self._items(event, "flows"):
+                        try:
+                            self.flow_event(event, Observation.from_row(item), now, batch)
+                        except Exception:  # a bug must not stop the stream; counted, logged
+                            self.metrics.errors.labels("flows").inc()
+                            log.exception("flows: cannot process %r", item)
+                if batch.size >= FLOW_BATCH:
+                    await self.flows_done(batch, now)
+                    batch = FlowBatch()
+            await self.flows_done(batch, now)
+
+    async def flows_done(self, batch: FlowBatch, now: int) -> None:
+        """Settle a batch, deliver its output records, then write its flows."""
+        self.settle(batch, now)
+        for partition, items in batch.activity.items():
+            for data in _fitting(items):
+                self.outputs.send("activity", BATCH_KEY, data, partition)
+        await self.outputs.flush()
+        _write(self.flows, batch.writes)
+        await self.changelog_ebb()
+
+    async def changelog_ebb(self) -> None:
+        """Wait until Faust holds at most ``CHANGELOG_PENDING`` table writes not yet handed to
+        its producer: it sends them one by one from an unbounded queue and only slows its
+        consumer for them, so a stage that writes faster would pile them up in memory."""
+        buffer = self.app.producer.buffer
+        while buffer.size > CHANGELOG_PENDING:
+            await buffer.flush_atmost(buffer.size - CHANGELOG_PENDING)
 
     def _items(self, event: Any, stage: str) -> list[Any]:
         """The items of an internal batch message (JSON written by ``_fitting``)."""
@@ -531,6 +572,7 @@ class Worker:
     def flow_event(self, event: Any, obs: Observation, now: int, batch: FlowBatch) -> None:
         """Fold one socket observation into its flow; publish what an older flow of the same
         tuple owed; pass the socket's activity on."""
+        batch.size += 1
         touched = self._load(event, obs.flow_key().encode(), batch)
         state, owed, sock = observe(touched.state, obs, now, event.message.partition)
         for old, emission in owed:
@@ -581,7 +623,8 @@ class Worker:
 
     def flows_tick(self, event: Any, now: int, batch: FlowBatch) -> None:
         """Flow timeouts of one partition: the flows whose next due time has come join the
-        batch (START after the join delay, UPDATE, END, forget).
+        batch (START after the join delay, UPDATE, END, forget), at most ``FLOW_BATCH`` a tick,
+        the longest due first.
 
         The index is rebuilt from the table when the partition is (re)assigned, and flows
         lacking metadata are revisited when the metadata changed."""
@@ -597,7 +640,9 @@ class Worker:
             self.meta_seen[partition] = self.meta.version
             for key in self.incomplete.get(partition, set()):
                 index[key] = 0
-        for key in [k for k, when in index.items() if when <= now]:
+        ready = [k for k, when in index.items() if when <= now]
+        for key in heapq.nsmallest(FLOW_BATCH, ready, key=index.__getitem__):
+            batch.size += 1
             if self._load(event, key, batch).state is None:
                 index.pop(key, None)
 
@@ -612,7 +657,7 @@ class Worker:
         record = flow_record(state, emission, self.meta, now)
         key = record["flow_id"].encode()
         self.metrics.flow_event_types[emission.type].inc()
-        self.outputs.send("flows", key, self.encoder.encode("flows", record))
+        self.outputs.send("flows", key, self.codec.encode("flows", record))
         for doc in ecs.documents(record):
             self.outputs.send("flows.ecs", key, _json(doc))
         for doc in ocsf.events(record):
@@ -623,7 +668,7 @@ class Worker:
     async def windows_agent(self, stream: faust.StreamT) -> None:
         """Batches of activity and ticks; entities are kept in memory per partition and
         written to the table once per batch when changed."""
-        async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
+        async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             changed: dict[bytes, tuple[Any, EntityState | None]] = {}
             for event in events:
@@ -651,6 +696,7 @@ class Worker:
                       if state is not None or self.entities.get(key) is not None]
             await self.outputs.flush()
             _write(self.entities, writes)
+            await self.changelog_ebb()
 
     def _entities_of(self, partition: int) -> dict[bytes, EntityState]:
         """The entities of ``partition``, read from the table once after an assignment."""
@@ -681,7 +727,7 @@ class Worker:
                 self.metrics.windows.labels(rec["entity_type"]).inc()
                 self.outputs.send("metrics.containers",
                                   f"{rec['entity_type']}:{rec['entity_id']}".encode(),
-                                  self.encoder.encode("metrics.containers", rec))
+                                  self.codec.encode("metrics.containers", rec))
             if state.idle():
                 del states[key]
                 changed[key] = (event, None)
@@ -860,8 +906,13 @@ def _json(doc: Any) -> bytes:
 
 
 def _fitting(items: list[Any]) -> Iterator[bytes]:
-    """The JSON of ``items`` in consecutive parts that each fit one Kafka message (halved until
-    each does; a batch of records with long command lines can be several megabytes)."""
+    """The JSON of ``items`` in consecutive parts of at most ``MESSAGE_ROWS`` items that each
+    fit one Kafka message (halved until each does; a batch of records with long command lines
+    can be several megabytes)."""
+    if len(items) > MESSAGE_ROWS:
+        for start in range(0, len(items), MESSAGE_ROWS):
+            yield from _fitting(items[start:start + MESSAGE_ROWS])
+        return
     data = _json(items)
     if len(data) > MESSAGE_BYTES and len(items) > 1:
         half = len(items) // 2

@@ -1,6 +1,6 @@
 """Raw sensor records (``packetless.EbpfEvent``, ``packetless.NetlinkEvent``) as flow
 ``Observation``s: the only place that knows the raw schemas' field names; and fast Avro
-decoding and encoding (cavro with the schemas cached per schema id).
+decoding (cavro with the schemas cached per schema id; packetless.serde.Codec writes with cavro).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from streams.flows import CLIENT, SERVER, Observation
 CLOSING_EBPF = frozenset({"END", "FAILURE"})
 
 
-# cavro (Cython) reads and writes these records 2-5 times faster than fastavro, to the same bytes
+# cavro (Cython) reads these records several times faster than fastavro
 CAVRO = cavro.Options(record_decodes_to_dict=True)
 
 
@@ -55,27 +55,6 @@ class RawDecoder:
             return read(data[5:])
         except Exception:  # garbage after a valid header: let Codec say what is wrong
             return self.codec.decode(suffix, data)
-
-
-class AvroEncoder:
-    """Confluent-framed Avro for our output topics: the first record of a topic goes through
-    ``Codec.encode`` (which registers the schema and gives its id), the others are written by
-    cavro with the same schema and header: the same bytes, several times faster."""
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self._known: dict[str, tuple[bytes, Callable[[Any], bytes]]] = {}
-
-    def encode(self, suffix: str, value: dict[str, Any]) -> bytes:
-        known = self._known.get(suffix)
-        if known is None:
-            data = self.codec.encode(suffix, value)
-            schema = cavro.Schema(json.dumps(schemas.load(TOPICS[suffix].schema or "")),
-                                  options=CAVRO)
-            self._known[suffix] = (data[:5], schema.binary_encode)
-            return data
-        header, write = known
-        return header + write(value)
 
 
 @dataclass
