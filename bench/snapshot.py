@@ -127,7 +127,7 @@ def run(run_dir: Path, quick: bool) -> Item:
                       f"read of the /proc socket owners takes {owners_cpu:.2f} s CPU measured "
                       f"apart ({len(owners):,} socket inodes with an owner); later snapshots read "
                       "only new descriptors and those of closed sockets (sensor/owners.py); the "
-                      "reference (200,000 small dicts kept in a dict, bench/snapshot.py "
+                      "reference (4 x 200,000 small dicts kept in a dict, bench/snapshot.py "
                       "_reference) shows the machine's speed at the time: compare runs by it")
     item.commands.append("python -m bench --items 6")
     return item
