@@ -14,17 +14,11 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
-
-from confluent_kafka import Consumer, TopicPartition
 
 from bench import peers
 from bench.common import PYTHON, REPO, Item, Monitor, fmt, loadgen, new_port, start_monitor
 from bench.sensor_memory import host_tcp
-from bench.stack import LocalStack, metric, start
-from packetless.serde import Codec
-from packetless.topics import topic_name
-from streams.raw import RawDecoder
+from bench.stack import LocalStack, metric, raw_since, start
 
 STEPS = (2000, 5000, 10000, 15000)
 SENSOR_STEPS = (5000, 10000)
@@ -57,6 +51,11 @@ def step(run_dir: Path, rate: int, seconds: float) -> dict[str, float | int | bo
             "others": peers.other_records(mon.out) / elapsed}
 
 
+def _best(results: list[dict[str, float | int | bool]]) -> float:
+    """The highest rate achieved by a step without loss (0 if none)."""
+    return max((float(r["achieved"]) for r in results if r["ok"]), default=0.0)
+
+
 def run(run_dir: Path, quick: bool) -> Item:
     item = Item("3a. Capacity: new TCP flows/s followed with zero loss (our sensor)")
     seconds = 4.0 if quick else 10.0
@@ -68,8 +67,7 @@ def run(run_dir: Path, quick: bool) -> Item:
     item.tables.append((["target conn/s", "achieved conn/s", "sockets", "with START+END",
                          "ring buffer drops", "all losses", "zero loss",
                          "END publish lag p50 ms", "max ms", "other flows' records/s"], rows))
-    passed = [r["achieved"] for r in results if r["ok"]]
-    best = max(passed) if passed else 0.0
+    best = _best(results)
     item.targets.append((f">= 10,000 new flows/s with zero loss (best zero-loss step: "
                          f"{best:,.0f}/s)", best >= 10_000))
     item.notes.append(f"{seconds:g} s per step; each step starts a fresh sensor (counters from 0); "
@@ -115,40 +113,18 @@ def raw_flows(stack: LocalStack, since_ms: int, port: int,
               max_s: float = 300.0) -> tuple[set[int], set[int], dict[str, int]]:
     """Cookies of the START and END records on raw.ebpf since ``since_ms`` of sockets on
     ``port`` (either end), and the loss counters of the latest DROPS record."""
-    decoder = RawDecoder(Codec(stack.settings))
-    name = topic_name(stack.settings, "raw.ebpf")
-    consumer = Consumer({**stack.settings.kafka_config(), "enable.auto.commit": False,
-                         "group.id": f"bench-flows-{time.time_ns()}"})
     starts: set[int] = set()
     ends: set[int] = set()
     drops: tuple[int, dict[str, int]] = (0, {})
-    try:
-        parts = consumer.list_topics(name, timeout=10).topics[name].partitions
-        high = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
-                for p in parts}
-        todo = [tp for tp in consumer.offsets_for_times(
-            [TopicPartition(name, p, since_ms) for p in parts], timeout=10)
-                if 0 <= tp.offset < high[tp.partition]]
-        consumer.assign(todo)
-        pending = {tp.partition for tp in todo}
-        deadline = time.monotonic() + max_s
-        while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 1.0):
-                if msg.error():
-                    continue
-                if msg.offset() + 1 >= high[msg.partition()]:
-                    pending.discard(msg.partition())
-                rec: dict[str, Any] = decoder.decode("raw.ebpf", msg.value()) or {}
-                if rec.get("type") == "DROPS":
-                    if rec["timestamp_ns"] >= drops[0]:
-                        drops = (rec["timestamp_ns"], rec["drops"] or {})
-                elif port in (rec.get("local_port"), rec.get("remote_port")):
-                    if rec["type"] == "START":
-                        starts.add(rec["cookie"])
-                    elif rec["type"] == "END":
-                        ends.add(rec["cookie"])
-    finally:
-        consumer.close()
+    for rec in raw_since(stack.settings, since_ms, max_s):
+        if rec.get("type") == "DROPS":
+            if rec["timestamp_ns"] >= drops[0]:
+                drops = (rec["timestamp_ns"], rec["drops"] or {})
+        elif port in (rec.get("local_port"), rec.get("remote_port")):
+            if rec["type"] == "START":
+                starts.add(rec["cookie"])
+            elif rec["type"] == "END":
+                ends.add(rec["cookie"])
     return starts, ends, drops[1]
 
 
@@ -207,8 +183,7 @@ def run_sensor(run_dir: Path, quick: bool) -> Item:
                          "END on raw.ebpf", "with START+END", "ring buffer drops",
                          "lost_events metric", "all losses", "zero loss", "sensor CPU s",
                          "CPU us per START/END"], rows))
-    passed = [r["achieved"] for r in results if r["ok"]]
-    best = max(passed) if passed else 0.0
+    best = _best(results)
     item.targets.append((f">= 10,000 new flows/s with zero loss, published to Kafka (best "
                          f"zero-loss step: {best:,.0f}/s)", best >= 10_000))
     item.notes.append(f"{seconds:g} s per step, each under a fresh sensor (counters from 0) "

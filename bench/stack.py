@@ -8,8 +8,10 @@ import json
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 from confluent_kafka import Consumer, TopicPartition
@@ -162,15 +164,17 @@ def latest_drops(settings: Settings, max_s: float = 60.0) -> dict[str, int]:
         consumer.close()
 
 
-def raw_starts(settings: Settings, since_ms: int, ports: set[int], max_s: float = 300.0) -> int:
-    """raw.ebpf START records produced since ``since_ms`` of sockets on ``ports`` (either end)."""
+def raw_since(settings: Settings, since_ms: int, max_s: float = 300.0
+              ) -> Iterator[dict[str, Any]]:
+    """The raw.ebpf records produced since ``since_ms`` (up to the end of each partition as it
+    was when called), decoded."""
     from packetless.serde import Codec
+    from streams.raw import RawDecoder
 
-    codec = Codec(settings)
+    decoder = RawDecoder(Codec(settings))
     name = topic_name(settings, "raw.ebpf")
-    consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-starts-{time.time_ns()}",
+    consumer = Consumer({**settings.kafka_config(), "group.id": f"bench-raw-{time.time_ns()}",
                          "enable.auto.commit": False})
-    count = 0
     try:
         parts = consumer.list_topics(name, timeout=10).topics[name].partitions
         ends = {p: consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
@@ -187,12 +191,13 @@ def raw_starts(settings: Settings, since_ms: int, ports: set[int], max_s: float 
                     continue
                 if msg.offset() + 1 >= ends[msg.partition()]:
                     pending.discard(msg.partition())
-                if msg.key() and msg.key().endswith(b":drops"):
-                    continue
-                rec = codec.decode("raw.ebpf", msg.value()) or {}
-                if rec.get("type") == "START" and (rec.get("local_port") in ports
-                                                   or rec.get("remote_port") in ports):
-                    count += 1
+                yield decoder.decode("raw.ebpf", msg.value()) or {}
     finally:
         consumer.close()
-    return count
+
+
+def raw_starts(settings: Settings, since_ms: int, ports: set[int], max_s: float = 300.0) -> int:
+    """raw.ebpf START records produced since ``since_ms`` of sockets on ``ports`` (either end)."""
+    return sum(1 for rec in raw_since(settings, since_ms, max_s)
+               if rec.get("type") == "START" and (rec.get("local_port") in ports
+                                                  or rec.get("remote_port") in ports))
