@@ -12,6 +12,7 @@ import errno
 import functools
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -47,9 +48,16 @@ def libbpf() -> ct.CDLL:
     lib.bpf_link_create.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]
     lib.ring_buffer__new.restype = ct.c_void_p
     lib.ring_buffer__new.argtypes = [ct.c_int, _RING_CB, ct.c_void_p, ct.c_void_p]
-    lib.ring_buffer__poll.argtypes = [ct.c_void_p, ct.c_int]
-    lib.ring_buffer__consume.argtypes = [ct.c_void_p]
+    lib.ring_buffer__epoll_fd.argtypes = [ct.c_void_p]
     lib.ring_buffer__free.argtypes = [ct.c_void_p]
+    return lib
+
+
+@functools.cache
+def _libbpf_keeping_gil() -> ct.PyDLL:
+    """libbpf through ctypes.PyDLL: its calls keep the GIL (see RingBuffer)."""
+    lib = ct.PyDLL("libbpf.so.1", use_errno=True)
+    lib.ring_buffer__consume.argtypes = [ct.c_void_p]
     return lib
 
 
@@ -156,20 +164,30 @@ class BpfMap:
 
 
 class RingBuffer:
-    """libbpf's reader of a BPF ring buffer map; ``callback(ctx, data, size)`` per record."""
+    """libbpf's reader of a BPF ring buffer map; ``callback(ctx, data, size)`` per record.
+
+    The wait lets go of the GIL (poll on the ring's epoll fd); the drain keeps it
+    (``ring_buffer__consume`` through ``ctypes.PyDLL``). Drained by a call that lets it go, each
+    record's callback would take the GIL back behind the other threads, up to the interpreter's
+    switch interval (5 ms) per record: a busy Netlink thread then made the ring overflow.
+    """
 
     def __init__(self, bpf_map: BpfMap, callback: RingCallback) -> None:
         self._callback = _RING_CB(callback)  # kept: libbpf calls it
         self._ring = libbpf().ring_buffer__new(bpf_map.fd, self._callback, None, None)
         if not self._ring:
             raise _failed(f"ring_buffer__new on {bpf_map.name}")
+        self._ready = select.poll()
+        self._ready.register(libbpf().ring_buffer__epoll_fd(self._ring), select.POLLIN)
 
     def poll(self, timeout_ms: int) -> None:
-        if libbpf().ring_buffer__poll(self._ring, timeout_ms) < 0 and ct.get_errno() != errno.EINTR:
-            raise _failed("ring_buffer__poll")
+        """Wait up to ``timeout_ms`` for records, then drain them."""
+        if timeout_ms:
+            self._ready.poll(timeout_ms)
+        self.consume()
 
     def consume(self) -> None:
-        if libbpf().ring_buffer__consume(self._ring) < 0:
+        if _libbpf_keeping_gil().ring_buffer__consume(self._ring) < 0:
             raise _failed("ring_buffer__consume")
 
     def close(self) -> None:
