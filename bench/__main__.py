@@ -1,6 +1,6 @@
-"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items (3 includes 3c and 3d,
-each of which ``--items 3c`` or ``3d`` runs alone), prints their tables and writes bench/RESULTS.md (machine,
-load, command lines, numbers, targets met).
+"""``python -m bench [--quick] [--items 1,2,3,4,5,6]``: runs the benchmark items (3 includes 3c
+and 3d, which ``--items 3c`` or ``--items 3d`` run alone), prints their tables and writes
+bench/RESULTS.md (machine, load, command lines, numbers, targets met).
 """
 
 from __future__ import annotations

@@ -61,7 +61,6 @@ def _libbpf_keeping_gil() -> ct.PyDLL:
     return lib
 
 
-
 def _failed(what: str) -> OSError:
     error = ct.get_errno()
     return OSError(error, f"{what}: {os.strerror(error)}")
