@@ -48,6 +48,7 @@ U64_MAX = (1 << 64) - 1
 CONTAINERS_REMEMBERED = 4096
 TCP_STATES = ("UNKNOWN", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV")
+TIME_WAIT = TCP_STATES.index("TIME_WAIT")
 DUMPS = ((socket.AF_INET, socket.IPPROTO_TCP, "tcp", "ipv4"),
          (socket.AF_INET6, socket.IPPROTO_TCP, "tcp", "ipv6"),
          (socket.AF_INET, socket.IPPROTO_UDP, "udp", "ipv4"),
@@ -125,6 +126,10 @@ class NetlinkOptions:
     ``other_namespaces``: also dump every other network namespace (containers; root only).
     ``unchanged_every``: republish an unchanged socket every N snapshots (see NetlinkSensor).
     ``on_container``: called once per container id seen (e.g. ``ContainerWatcher.resolve``).
+    ``time_wait``: also dump TIME_WAIT sockets. They have no owner and no tcp_info, and under
+    connection churn the kernel holds up to net.ipv4.tcp_max_tw_buckets of them; in Netlink
+    mode they are how a connection shorter than a snapshot interval is seen at all, while in
+    eBPF mode every one of them already had its END, with final counters.
     """
 
     host_name: str = field(default_factory=socket.gethostname)
@@ -137,6 +142,7 @@ class NetlinkOptions:
     unchanged_every: int = 12
     on_container: Callable[[str], object] | None = None
     proc: Path = Path("/proc")
+    time_wait: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,10 +223,10 @@ def dump_sockets(sock: socket.socket, family: int, protocol: int,
 
 
 def _dump(sock: socket.socket, family: int, protocol: int, seq: int,
-          layouts: list[_Layout]) -> Iterator[Message]:
-    """The sockets of a dump (see dump_sockets); the layouts their Messages name are added to
-    ``layouts``."""
-    request = _INET_DIAG_REQ_V2.pack(family, protocol, EXTENSIONS, SS_ALL)
+          layouts: list[_Layout], states: int = SS_ALL) -> Iterator[Message]:
+    """The sockets of a dump (see dump_sockets) in the ``states`` (a bit per TCP_STATES
+    index); the layouts their Messages name are added to ``layouts``."""
+    request = _INET_DIAG_REQ_V2.pack(family, protocol, EXTENSIONS, states)
     sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY,
                              NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + request)
     by_shape: dict[tuple[int, ...], int] = {}  # _Layout.expected -> index (-1: none)
@@ -683,12 +689,13 @@ class NetlinkSensor:
 
     def _messages(self, namespace: Namespace) -> Iterator[tuple[_Dump, Message]]:
         """Every socket of ``namespace`` as it is read, with its dump (transport and family)."""
+        states = SS_ALL if self.options.time_wait else SS_ALL & ~(1 << TIME_WAIT)
         with socket.socket(fileno=self._open(namespace, NETLINK_SOCK_DIAG)) as sock:
             sock.bind((0, 0))
             for kind, (family, protocol, transport, family_name) in enumerate(
                     DUMPS if self.options.udp else DUMPS[:2]):
                 dump = _Dump(kind, transport, family_name, family, [])
-                for message in _dump(sock, family, protocol, kind + 1, dump.layouts):
+                for message in _dump(sock, family, protocol, kind + 1, dump.layouts, states):
                     yield dump, message
 
     def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,

@@ -156,7 +156,8 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         Part("processes", lambda: run_lineage(publish, stop, mode, host, cache), essential=False),
         Part("netlink", lambda: netlink.run(publish, stop, netlink.NetlinkOptions(
             host_name=host, interval_s=snapshot_interval, processes=cache, cgroups=cgroups,
-            on_container=watcher.resolve)), essential=mode == "netlink"),
+            on_container=watcher.resolve, time_wait=mode == "netlink")),
+            essential=mode == "netlink"),
     ]
     if mode == "ebpf":
         parts.append(Part("ebpf", lambda: ebpf.run(publish, stop, ebpf.EbpfOptions(

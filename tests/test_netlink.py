@@ -217,6 +217,34 @@ def test_idle_sockets_take_turns() -> None:
     assert len({c for r in first for c in r}) == 200 == sum(len(r) for r in first)
 
 
+def test_time_wait_sockets_only_when_asked() -> None:
+    """Netlink mode dumps TIME_WAIT sockets (they show connections shorter than a snapshot);
+    eBPF mode leaves them out (eBPF gave their ENDs): there the socket's last snapshot is its
+    SOCKET_CLOSED, and the TIME_WAIT socket is never published."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    accepted = server.accept()[0]
+    ports = client.getsockname()[1], server.getsockname()[1]
+    sensors = {tw: NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False, udp=False,
+                                                other_namespaces=False, time_wait=tw))
+               for tw in (True, False)}
+
+    def seen(tw: bool) -> list[tuple[str, str]]:
+        return [(v["kind"], v["socket"]["state"]) for _, v in sensors[tw].snapshot()
+                if v["socket"]
+                and (v["socket"]["local_port"], v["socket"]["remote_port"]) == ports]
+
+    try:
+        assert seen(True) == seen(False) == [("SOCKET", "ESTABLISHED")]
+        client.close()  # the side that closes first waits in TIME_WAIT
+        accepted.close()
+        assert wait_for(lambda: seen(True) == [("SOCKET", "TIME_WAIT")])
+        assert seen(False) == [("SOCKET_CLOSED", "ESTABLISHED")]
+        assert seen(False) == []
+    finally:
+        server.close()
+
+
 def _container_processes(pid: int) -> list[Any]:
     import psutil
     root = psutil.Process(pid)
