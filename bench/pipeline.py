@@ -168,6 +168,8 @@ def worker_rate(run_dir: Path, quick: bool, backlog_flows: int | None = None) ->
         bare = _read_all(stack.settings, len(records), False, 300)
         decoding = _read_all(stack.settings, len(records), True, 300)
         lag = metric(stack.web_port, "packetless_streams_consumer_lag", "raw.")
+        events = {kind: metric(stack.web_port, "packetless_streams_flow_events_total",
+                               f'type="{kind}"') for kind in ("START", "UPDATE", "END")}
         offsets.close()
     finally:
         stack.stop()
@@ -187,7 +189,9 @@ def worker_rate(run_dir: Path, quick: bool, backlog_flows: int | None = None) ->
                       f"(Avro-encoded by packetless.serde.Codec beforehand, {encode_s:.1f} s), "
                       "produced while the worker process was stopped (SIGSTOP, then SIGCONT); "
                       f"the worker wrote {outputs} flow events (expected {2 * n_flows}: START "
-                      f"and END per flow){'' if settled else ', still growing at the time limit'}"
+                      f"and END per flow){'' if settled else ', still growing at the time limit'}: "
+                      + ", ".join(f"{fmt(count, 0)} {kind}" for kind, count in events.items())
+                      + " (a flow ENDs again when a peer comes after its END)"
                       "; its time runs from SIGCONT to the last flow event, once its lag on "
                       "raw.ebpf is 0 and its output stopped growing for 10 s (an END is due at "
                       "once when both sockets closed); consumer lag at the end: "

@@ -4,10 +4,11 @@ per-container/pod windows, with state in RocksDB tables (rocksdict) backed by ch
 Stages: raw stage (a librdkafka consumer thread outside Faust: decode, dead-letter, repartition
 by flow 5-tuple) -> flows agent (flows table, flow events, activity repartitioned by
 container/pod) -> windows agent (windows table, ContainerMetrics). Timeouts and window closing
-run on tick records that a timer sends to each assigned partition, so that every table change
-happens in stream context and is changelogged. Every stage works on batches (internal messages
-of at most ``MESSAGE_ROWS`` items, one table write per key per batch); output records go through
-librdkafka, flushed before the batch's table writes and before its input is acked.
+run on records in the internal topics (watermarks for the flows, ticks that a timer sends for
+the windows), so that every table change happens in stream context and is changelogged. Every
+stage works on batches (internal messages of at most ``MESSAGE_ROWS`` items, one table write per
+key per batch); output records go through librdkafka, flushed before the batch's table writes
+and before its input is acked.
 
 Memory stays bounded however far behind the worker is (it reads more slowly, it does not grow):
 librdkafka reads at most ``RAW_PREFETCH_KB`` of raw records ahead; Faust holds at most
@@ -16,6 +17,18 @@ a flows batch ends at ``FLOW_BATCH`` observations (and a tick loads at most that
 so its output records and table writes are bounded too; a stage waits until at most
 ``CHANGELOG_PENDING`` of its table writes wait for Faust's producer; RocksDB memtables and
 block cache per table partition are ``ROCKSDB``.
+
+Watermarks (event time, see ``streams.flows.Clock``): the observations of one flows partition
+come from every raw partition of both raw topics (eBPF, Netlink), read by the raw stages of all
+workers. After each batch, and every ``tick_s`` when idle, a raw stage sends each flows partition,
+behind the batch's observations, the progress of each raw partition it reads: the wall clock
+(less one fetch wait) when it has read all the partition held, else the latest event time read
+in it (a sensor publishes its records about in order; the END grace covers the rest). The flows
+agent keeps the highest progress of each raw partition per flows partition; the partition's
+watermark is the lowest over all raw partitions (0 until each reported). A quiet or empty raw
+partition is caught up, so its progress is the wall clock and stalls nothing; one whose reader
+died holds the watermark until the group gives it to another worker. Each watermark record is
+also the flows partition's tick.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ from packetless.topics import topic_name
 from streams import ecs, ocsf
 from streams.flows import (
     Activity,
+    Clock,
     Emission,
     FlowConfig,
     FlowState,
@@ -84,6 +98,7 @@ from streams.windows import EntityState, WindowConfig
 log = logging.getLogger(__name__)
 
 TICK = b"\x00tick"
+WATERMARK_KEY = b"\x00watermark"  # internal messages carry raw stage progress (see RawStage)
 BATCH_KEY = b"\x00batch"  # internal messages carry a list of observations or activities
 LOCAL_KEY = b"\x00local"  # ... or [host, address] pairs of local sockets (see RawStage)
 LOCAL_RESEND_S = 30.0  # how often a raw stage sends all the local addresses it knows again
@@ -101,6 +116,7 @@ CHANGELOG_BATCH_BYTES = 262_144  # per changelog partition and request (Faust's 
 ROCKSDB = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
            "block_cache_size": 16 << 20}
 BATCH_WITHIN_S = 0.02  # a stage waits at most this long to fill a batch
+FETCH_WAIT_MS = 100  # the raw consumer's fetch wait: how stale its idea of a partition's end is
 METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
 PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
 
@@ -199,10 +215,12 @@ class Touched:
 @dataclass
 class FlowBatch:
     """What one batch of the flows stage touched: flows by key, activity by partition, the
-    table writes (key, value; None deletes) with the event each belongs to, and its size
-    (observations and due flows folded in)."""
+    table writes (key, value; None deletes) with the event each belongs to, its size
+    (observations and due flows folded in), and the partitions that got a watermark (their
+    latest watermark event), which tick once the batch's observations are in."""
 
     flows: dict[bytes, Touched] = field(default_factory=dict)
+    ticks: dict[int, Any] = field(default_factory=dict)
     activity: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     writes: list[tuple[Any, bytes, bytes | None]] = field(default_factory=list)
     size: int = 0
@@ -257,14 +275,17 @@ class RawStage:
     the consumer group ``<workers group>-raw``) decodes each batch into observations, sends them
     to the internal sockets topic (one message per flows partition), and stores the batch's
     offsets once that is delivered (at least once). Faust's consumer reads a few thousand records
-    a second here, librdkafka's hundreds of thousands: raw records are most of the input."""
+    a second here, librdkafka's hundreds of thousands: raw records are most of the input. Behind
+    each batch, and every ``tick_s`` when idle, it sends every flows partition its progress (the
+    module docstring's watermarks)."""
 
     def __init__(self, settings: Settings, group: str, sockets_topic: str, partitions: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, tick_s: float) -> None:
         self.settings = settings
         self.group = group
         self.partitions = partitions
         self.metrics = metrics
+        self.tick_s = tick_s
         self.codec = Codec(settings)
         self.decoder = RawDecoder(self.codec)
         self.outputs = Outputs(settings)
@@ -274,17 +295,23 @@ class RawStage:
         self.local_sent = 0.0
         self.topics = {topic_name(settings, s): s for s in ("raw.ebpf", "raw.netlink")}
         self.lag: dict[tuple[str, int], int] = {}
-        self.lag_at = 0.0
+        self.positions: dict[tuple[str, int], int] = {}  # next offset to read, once known
+        self.read_ns: dict[tuple[str, int], int] = {}  # latest event time read, by partition
+        self.counts: dict[str, int] = {}  # partitions of each raw topic (by suffix)
+        self.marked_at = 0.0
         self.assigned: list[str] = []
         self.joined = threading.Event()  # the first assignment (possibly empty) came
         self.consumer = Consumer({**settings.kafka_config(), "group.id": f"{group}-raw",
                                   "enable.auto.commit": True, "enable.auto.offset.store": False,
                                   "auto.offset.reset": "earliest", "session.timeout.ms": 10000,
                                   "heartbeat.interval.ms": 2000,
+                                  "fetch.wait.max.ms": FETCH_WAIT_MS,
                                   "queued.max.messages.kbytes": RAW_PREFETCH_KB})
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set (within a batch interval); closes the consumer."""
+        metadata = self.consumer.list_topics(timeout=30).topics
+        self.counts = {suffix: len(metadata[name].partitions) for name, suffix in self.topics.items()}
         self.consumer.subscribe(list(self.topics), on_assign=self._assigned,
                                 on_revoke=self._revoked)
         try:
@@ -292,24 +319,29 @@ class RawStage:
                 msgs = self.consumer.consume(BATCH_MAX, BATCH_WITHIN_S)
                 if msgs:
                     self.batch(msgs)
-                if msgs or time.monotonic() - self.lag_at >= 0.5:
-                    self._measure_lag()
+                elif time.monotonic() - self.marked_at >= self.tick_s:
+                    self.watermark()
+                    self.outputs.flush_now()
         finally:
             self.consumer.close()
 
     def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Partitions this group never committed start where the worker's Faust group, which
-        read the raw topics before this stage existed, had got to (not at the beginning)."""
-        fresh = [tp for tp in consumer.committed(partitions, timeout=30) if tp.offset < 0]
+        read the raw topics before this stage existed, had got to (not at the beginning). The
+        others start at their committed offsets (the positions the watermarks start from)."""
+        committed = consumer.committed(partitions, timeout=30)
+        starts = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+        fresh = [tp for tp in committed if tp.offset < 0]
         if fresh:
             legacy = Consumer({**self.settings.kafka_config(), "group.id": self.group})
             try:
-                starts = {(tp.topic, tp.partition): tp.offset
-                          for tp in legacy.committed(fresh, timeout=30) if tp.offset >= 0}
+                starts.update({(tp.topic, tp.partition): tp.offset
+                               for tp in legacy.committed(fresh, timeout=30) if tp.offset >= 0})
             finally:
                 legacy.close()
-            for tp in partitions:
-                tp.offset = starts.get((tp.topic, tp.partition), tp.offset)
+        for tp in partitions:
+            tp.offset = starts.get((tp.topic, tp.partition), tp.offset)
+        self.positions = starts
         consumer.assign(partitions)
         self.assigned = sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)
         self.joined.set()
@@ -317,6 +349,8 @@ class RawStage:
     def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned = []
         self.lag.clear()
+        self.positions.clear()
+        self.read_ns.clear()
 
     def batch(self, msgs: list[Message]) -> None:
         """Observations of ``msgs`` to the flows partitions of their flows, then the offsets."""
@@ -330,12 +364,15 @@ class RawStage:
                 continue
             topic = msg.topic()
             read[topic] = read.get(topic, 0) + 1
-            ends[(topic, msg.partition())] = msg.offset() + 1
+            tp = (topic, msg.partition())
+            ends[tp] = msg.offset() + 1
             obs = self.observation(msg)
             if obs is not None:
                 partition = _partition(obs.flow_key().encode(), self.partitions)
                 rows.setdefault(partition, []).append(obs.to_row())
                 self.local.setdefault((obs.host, network(obs.local_ip)), obs.local_ip)
+                if obs.ts_ns > self.read_ns.get(tp, 0):
+                    self.read_ns[tp] = obs.ts_ns
         if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
             self.local_sent = time.monotonic()
             pairs = [[host, ip] for (host, _net), ip in self.local.items()]
@@ -345,6 +382,8 @@ class RawStage:
         for partition, items in rows.items():
             for data in _fitting(items):
                 self.outputs.send("sockets", BATCH_KEY, data, partition)
+        self.positions.update(ends)
+        self.watermark()
         self.outputs.flush_now()
         for topic, count in read.items():
             self.metrics.records.labels(self.topics[topic]).inc(count)
@@ -353,14 +392,29 @@ class RawStage:
             self.consumer.store_offsets(offsets=[TopicPartition(t, p, offset)
                                                  for (t, p), offset in ends.items()])
 
-    def _measure_lag(self) -> None:
-        """Records after the position of each assigned partition (read from the high
-        watermarks the latest fetches brought); partitions not read yet are left out."""
-        self.lag_at = time.monotonic()
-        for tp in self.consumer.position(self.consumer.assignment()):
-            high = self.consumer.get_watermark_offsets(tp, cached=True)[1]
-            if tp.offset >= 0 and high >= 0:
-                self.lag[(tp.topic, tp.partition)] = max(high - tp.offset, 0)
+    def watermark(self) -> None:
+        """Measure the lag of each assigned partition (its records after the position, from the
+        offsets the latest fetch brought; partitions not fetched yet are left out) and send
+        every flows partition the progress of each: the wall clock less a fetch wait when it
+        was read to its end, else the latest event time read in it, if any."""
+        self.marked_at = time.monotonic()
+        caught_up_ns = time.time_ns() - FETCH_WAIT_MS * 1_000_000
+        progress = []
+        for tp in self.consumer.assignment():
+            key = (tp.topic, tp.partition)
+            low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            # the consumer starts at the log's start when it has no committed offset, and is
+            # never before it (retention may have deleted what it had not read)
+            position = max(self.positions.get(key, -1), low)
+            if high < 0 or position < 0:
+                continue
+            lag = self.lag[key] = max(high - position, 0)
+            ns = caught_up_ns if lag == 0 else self.read_ns.get(key)
+            if ns is not None:
+                progress.append([self.topics[tp.topic], tp.partition, ns])
+        data = _json({"partitions": self.counts, "progress": progress})
+        for partition in range(self.partitions):
+            self.outputs.send("sockets", WATERMARK_KEY, data, partition)
 
     def observation(self, msg: Message) -> Observation | None:
         """The observation of one raw record; None for records without one (and for bad
@@ -406,8 +460,12 @@ class Worker:
         self.meta_ready = asyncio.Event()
         self.metrics = Metrics()
         self.latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        self.due: dict[int, dict[bytes, int]] = {}  # partition -> flow key -> next due time
+        # partition -> flow key -> next due (processing ms, watermark ns): see ``next_due``
+        self.due: dict[int, dict[bytes, tuple[int, int]]] = {}
+        self.marks: dict[int, dict[tuple[str, int], int]] = {}  # partition -> raw progress
+        self.watermarks: dict[int, int] = {}  # partition -> its watermark (module docstring)
         self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
+        self.lingering: dict[int, set[bytes]] = {}  # ended flows that only wait to be forgotten
         self.indexed: set[int] = set()
         self.meta_seen: dict[int, int] = {}
         self.started = time.time()
@@ -453,7 +511,7 @@ class Worker:
         app.on_partitions_revoked.connect(self.on_revoked)
         app.task(self.metadata_task)
         self.raw = RawStage(settings, workers_group, self.sockets_topic.get_topic_name(), n,
-                            self.metrics)
+                            self.metrics, options.tick_s)
         self.raw_thread = ThreadPoolExecutor(1, thread_name_prefix="raw-stage")
         app.task(self.raw_task)
         for path, view in (("/containers", self.view_containers), ("/pods", self.view_pods),
@@ -503,17 +561,19 @@ class Worker:
     # -- stage 2: flows
 
     async def flows_agent(self, stream: faust.StreamT) -> None:
-        """Batches of observations and ticks: each flow touched is read from the table once,
-        settled once, and written back once per batch. A batch ends after the message that
+        """Batches of observations and watermarks: each flow touched is read from the table
+        once, settled once, and written back once per batch. A batch ends after the message that
         brought it to ``FLOW_BATCH`` observations or due flows, so that what it holds stays
-        bounded however far behind the stage is; the batches of one take share its time."""
+        bounded however far behind the stage is; the batches of one take share its time. A
+        watermark is also a tick: the flows due by then join the batch."""
         await self.meta_ready.wait()
         async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             batch = FlowBatch()
             for event in events:
-                if event.key == TICK:
-                    self.flows_tick(event, now, batch)
+                if event.key == WATERMARK_KEY:
+                    self.watermark(event)
+                    batch.ticks[event.message.partition] = event
                 elif event.key == LOCAL_KEY:
                     for host, ip in self._items(event, "flows"):
                         self.local.add(host, ip)
@@ -530,7 +590,9 @@ class Worker:
             await self.flows_done(batch, now)
 
     async def flows_done(self, batch: FlowBatch, now: int) -> None:
-        """Settle a batch, deliver its output records, then write its flows."""
+        """Tick, settle a batch, deliver its output records, then write its flows."""
+        for event in batch.ticks.values():
+            self.flows_tick(event, now, batch)
         self.settle(batch, now)
         for partition, items in batch.activity.items():
             for data in _fitting(items):
@@ -546,6 +608,26 @@ class Worker:
         buffer = self.app.producer.buffer
         while buffer.size > CHANGELOG_PENDING:
             await buffer.flush_atmost(buffer.size - CHANGELOG_PENDING)
+
+    def watermark(self, event: Any) -> None:
+        """Fold a raw stage's progress into the watermark of the event's partition."""
+        partition = event.message.partition
+        try:
+            report = orjson.loads(event.value)
+            marks = self.marks.setdefault(partition, {})
+            for suffix, raw_partition, ns in report["progress"]:
+                if ns > marks.get((suffix, raw_partition), 0):
+                    marks[(suffix, raw_partition)] = ns
+            self.watermarks[partition] = min(
+                (marks.get((suffix, p), 0) for suffix, count in report["partitions"].items()
+                 for p in range(count)), default=0)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.metrics.errors.labels("flows").inc()
+            log.error("flows: not a watermark at %s[%d]@%d", event.message.topic, partition,
+                      event.message.offset)
+
+    def clock(self, partition: int, now: int) -> Clock:
+        return Clock(now, self.watermarks.get(partition, 0))
 
     def _items(self, event: Any, stage: str) -> list[Any]:
         """The items of an internal batch message (JSON written by ``_fitting``)."""
@@ -574,7 +656,8 @@ class Worker:
         tuple owed; pass the socket's activity on."""
         batch.size += 1
         touched = self._load(event, obs.flow_key().encode(), batch)
-        state, owed, sock = observe(touched.state, obs, now, event.message.partition)
+        partition = event.message.partition
+        state, owed, sock = observe(touched.state, obs, self.clock(partition, now), partition)
         for old, emission in owed:
             self.publish_flow(old, emission, now)
         touched.state = state
@@ -591,22 +674,29 @@ class Worker:
             sig = enrichment(state, self.meta)
             peer = state.missing_peer()
             own = [sock.local_ip for sock in state.sockets.values()]
-            for emission in due(state, now, self.options.flow, sig, peer is not None
+            clock = self.clock(state.partition, now)
+            for emission in due(state, clock, self.options.flow, sig, peer is not None
                                 and self.local.may_be_local(state.host, peer, own)):
                 self.publish_flow(state, emission, now)
             index = self.due.setdefault(state.partition, {})
             incomplete = self.incomplete.setdefault(state.partition, set())
-            if expired(state, now, self.options.flow):
+            lingering = self.lingering.setdefault(state.partition, set())
+            if expired(state, clock, self.options.flow):
                 if touched.stored is not None:
                     batch.writes.append((touched.event, key, None))
                 index.pop(key, None)
                 incomplete.discard(key)
+                lingering.discard(key)
                 continue
             index[key] = next_due(state, self.options.flow)
             if "false" in sig:
                 incomplete.add(key)
             else:
                 incomplete.discard(key)
+            if state.ended and "false" not in sig:
+                lingering.add(key)
+            else:
+                lingering.discard(key)
             value = state.to_dict()
             if value != touched.stored:
                 batch.writes.append((touched.event, key, _json(value)))
@@ -622,35 +712,48 @@ class Worker:
             batch.activity.setdefault(partition, []).append(act.__dict__)
 
     def flows_tick(self, event: Any, now: int, batch: FlowBatch) -> None:
-        """Flow timeouts of one partition: the flows whose next due time has come join the
-        batch (START after the join delay, UPDATE, END, forget), at most ``FLOW_BATCH`` a tick,
-        the longest due first.
+        """Flow timeouts of one partition: the flows whose next due time has come (by the
+        processing time or by the watermark) join the batch (START after the join delay,
+        UPDATE, END, forget), at most ``FLOW_BATCH`` a tick, the longest due first.
 
         The index is rebuilt from the table when the partition is (re)assigned, and flows
-        lacking metadata are revisited when the metadata changed."""
+        lacking metadata are revisited when the metadata changed. An ended flow with all its
+        metadata that is not in the batch has nothing left to emit: once due it is deleted
+        unread."""
         partition = event.message.partition
         index = self.due.setdefault(partition, {})
         if partition not in self.indexed:
             for key, data in self.flows.items():
                 stored = _state(data)
                 if stored and stored["partition"] == partition:
-                    index[key] = 0
+                    index[key] = (0, 0)
             self.indexed.add(partition)
         if self.meta.version != self.meta_seen.get(partition):
             self.meta_seen[partition] = self.meta.version
             for key in self.incomplete.get(partition, set()):
-                index[key] = 0
-        ready = [k for k, when in index.items() if when <= now]
-        for key in heapq.nsmallest(FLOW_BATCH, ready, key=index.__getitem__):
+                index[key] = (0, 0)
+        watermark = self.watermarks.get(partition, 0)
+        ready = {k: min(ms - now, (ns - watermark) // 1_000_000)
+                 for k, (ms, ns) in index.items() if ms <= now or ns <= watermark}
+        lingering = self.lingering.get(partition, set())
+        for key in heapq.nsmallest(FLOW_BATCH, ready, key=ready.__getitem__):
             batch.size += 1
-            if self._load(event, key, batch).state is None:
+            if key in lingering and key not in batch.flows:
+                batch.writes.append((event, key, None))
+                del index[key]
+                lingering.discard(key)
+            elif self._load(event, key, batch).state is None:
                 index.pop(key, None)
 
     def on_revoked(self, *args: Any, **kwargs: Any) -> None:
-        """After a rebalance the flow index and the entities are read again from the tables."""
+        """After a rebalance the flow index and the entities are read again from the tables, and
+        the watermarks from the internal topic."""
         self.indexed.clear()
         self.due.clear()
+        self.marks.clear()
+        self.watermarks.clear()
         self.incomplete.clear()
+        self.lingering.clear()
         self.entity_cache.clear()
 
     def publish_flow(self, state: FlowState, emission: Emission, now: int) -> None:
@@ -737,13 +840,13 @@ class Worker:
     # -- ticks, metadata
 
     async def tick(self) -> None:
-        """Send a tick to every assigned partition of the internal topics."""
-        names = {self.sockets_topic.get_topic_name(), self.activity_topic.get_topic_name()}
-        topics = {t.get_topic_name(): t for t in (self.sockets_topic, self.activity_topic)}
+        """Send a tick to every assigned partition of the activity topic (the flows partitions
+        tick on their watermarks)."""
+        name = self.activity_topic.get_topic_name()
         for tp in self.app.assignor.assigned_actives():
-            if tp.topic in names:
-                await topics[tp.topic].send(key=TICK, value=_json({"tick": _now_ms()}),
-                                            partition=tp.partition)
+            if tp.topic == name:
+                await self.activity_topic.send(key=TICK, value=_json({"tick": _now_ms()}),
+                                               partition=tp.partition)
         self._rate()
 
     async def metadata_task(self) -> None:

@@ -1,5 +1,7 @@
 """Elastic Common Schema documents of a flow event (topic packetless.flows.ecs): one document per
 local socket of the flow, ``source`` the initiator and ``destination`` the responder (SPEC.md).
+The fields of a flow's end (its process and container) are made once per distinct end
+(``END_CACHE``): a process's flows share them.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
+END_CACHE = 4096  # distinct ends (process and container) whose ECS fields are kept
 ACTIONS = {"START": "flow_start", "UPDATE": "flow_update", "END": "flow_end"}
 EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
                "flow_end": ["connection", "end"], "connection_failed": ["connection", "error"]}
@@ -88,8 +93,22 @@ def documents(flow: dict[str, Any]) -> list[dict[str, Any]]:
     return [_document(flow, common, side, ends) for side in sides]
 
 
+_ENDS: dict[bytes, dict[str, Any]] = {}
+
+
 def _end(end: dict[str, Any]) -> dict[str, Any]:
-    """The ECS fields of one end of a flow (its process and container), without empty values."""
+    """The ECS fields of one end of a flow (its process and container), without empty values;
+    shared by the documents of every flow with the same end (read-only)."""
+    key = orjson.dumps((end["process"], end["container"]))
+    out = _ENDS.get(key)
+    if out is None:
+        if len(_ENDS) >= END_CACHE:
+            _ENDS.clear()
+        out = _ENDS[key] = _end_fields(end)
+    return out
+
+
+def _end_fields(end: dict[str, Any]) -> dict[str, Any]:
     out = {}
     if end["process"]:
         out["process"] = drop_empty(process_fields(end["process"]))
@@ -161,8 +180,11 @@ def _document(flow: dict[str, Any], common: dict[str, Any], side: str,
     if flow["transport"] == "tcp":
         ours["tcp"] = {"rtt_us": me["srtt_us"], "rtt_var_us": me["rttvar_us"],
                        "retransmits": me["retransmits"], "state": me["tcp_state"]}
-    if peer["local"]:
-        ours["peer"] = {"process": theirs.get("process"), "container": theirs.get("container"),
-                        "socket_cookie": peer["socket_cookie"]}
-    doc["packetless"] = drop_empty(ours)
+    ours = drop_empty(ours)
+    if peer["local"]:  # its fields are without empty values already
+        ours["peer"] = {k: v for k, v in (("process", theirs.get("process")),
+                                          ("container", theirs.get("container")),
+                                          ("socket_cookie", peer["socket_cookie"]))
+                        if v is not None}
+    doc["packetless"] = ours
     return doc

@@ -1,6 +1,12 @@
 """Flow state, pure logic: merges the eBPF events and Netlink snapshots of each socket (by cookie)
 and the two sockets of one connection (by normalized 5-tuple) into one flow, idempotently, and
 decides when to emit START, UPDATE (active timeout, late enrichment) and END.
+
+Waiting for more events (join delay, END grace, idle timeout, linger) counts event time, against
+a watermark (``Clock``): a worker behind its input, which reads a flow's two sockets far apart,
+does not END a flow whose peer it simply has not read yet; a caught-up worker, whose watermark
+is the wall clock, ENDs on time. Only the active timeout (how often UPDATEs go out) counts
+processing time.
 """
 
 from __future__ import annotations
@@ -264,13 +270,33 @@ class Activity:
 
 @dataclass
 class FlowConfig:
-    """Timing of flow events (seconds of processing time)."""
+    """Timing of flow events (seconds; of processing time for the active timeout, of event time
+    for the others: see ``Clock``)."""
 
     active_timeout_s: float = 10.0  # UPDATE at most this often while a flow changes
     idle_timeout_s: float = 300.0  # END for a flow with no event for this long
     join_delay_s: float = 2.0  # wait this long for the other end before START
     end_grace_s: float = 2.0  # wait this long for the other end's close before END
     linger_s: float = 30.0  # keep an ended flow this long to absorb late duplicates
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The two times of the flow logic. ``now_ms``: processing time (the worker's wall clock),
+    which paces UPDATEs. ``watermark_ns``: event time (the sensors' ``ts_ns``) before which
+    every observation of the flow's partition has been read (0: not known yet); it is the
+    wall clock when the worker is caught up. A flow's waits run from its flow time (the
+    ``*_ns`` times of ``FlowState``, see ``time_of``)."""
+
+    now_ms: int
+    watermark_ns: int
+
+    def time_of(self, event_ns: int) -> int:
+        """The flow time of an event read now: its event time, but no earlier than the
+        watermark (the events of a host whose clock runs behind get the whole wait, from their
+        arrival) and no later than the wall clock (nor do those of one whose clock runs ahead
+        wait longer)."""
+        return max(self.watermark_ns, min(event_ns, self.now_ms * 1_000_000))
 
 
 @dataclass
@@ -284,23 +310,23 @@ class FlowState:
     partition: int = 0
     sockets: dict[str, SocketState] = field(default_factory=dict)
     retired: list[int] = field(default_factory=list)  # cookies of earlier flows on this tuple
-    seen_ms: int = 0  # processing time of the first observation
-    changed_ms: int = 0  # processing time of the latest change
+    seen_ns: int = 0  # flow time (see ``Clock``) of the first observation
+    changed_ns: int = 0  # flow time of the latest change
     emitted_ms: int = 0  # processing time of the latest emission
     sequence: int = 0  # events emitted so far
     started: bool = False
     ended: bool = False
-    ended_ms: int = 0
+    ended_ns: int = 0  # flow time of the END
     dirty: bool = False  # changed since the latest emission
     ended_with: int = 0  # sockets known when END was emitted (a late peer re-emits END)
     enrichment: str = ""  # signature of the metadata known at the latest emission
 
     @classmethod
-    def new(cls, obs: Observation, now_ms: int, partition: int = 0) -> FlowState:
+    def new(cls, obs: Observation, clock: Clock, partition: int = 0) -> FlowState:
         key = obs.flow_key()
         flow_id = hashlib.sha256(f"{key}|{obs.cookie}|{obs.ts_ns}".encode()).hexdigest()[:32]
         return cls(key=key, flow_id=flow_id, host=obs.host, transport=obs.transport,
-                   partition=partition, seen_ms=now_ms)
+                   partition=partition, seen_ns=clock.time_of(obs.ts_ns))
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "sockets": {k: s.to_dict() for k, s in self.sockets.items()},
@@ -308,7 +334,9 @@ class FlowState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowState:
-        data = dict(data)
+        """The state of ``to_dict``; fields of an earlier version (processing times) are left
+        out: such a flow's waits are over."""
+        data = {k: v for k, v in data.items() if k in _FLOW_FIELDS}
         data["sockets"] = {k: SocketState.from_dict(v) for k, v in data["sockets"].items()}
         return cls(**data)
 
@@ -373,6 +401,9 @@ class FlowState:
         return server[0] if (sock.local_ip, sock.local_port) == client else client[0]
 
 
+_FLOW_FIELDS = frozenset(f.name for f in fields(FlowState))
+
+
 @dataclass
 class Emission:
     """A flow event to publish, described by the flow's state when it is published."""
@@ -382,7 +413,7 @@ class Emission:
     end_reason: str | None = None
 
 
-def observe(state: FlowState | None, obs: Observation, now_ms: int, partition: int = 0,
+def observe(state: FlowState | None, obs: Observation, clock: Clock, partition: int = 0,
             ) -> tuple[FlowState, list[tuple[FlowState, Emission]], SocketState | None]:
     """Fold ``obs`` into the flow of its 5-tuple.
 
@@ -401,34 +432,35 @@ def observe(state: FlowState | None, obs: Observation, now_ms: int, partition: i
               and state.socket_at(obs.local) is not None)  # the tuple is reused by a new socket
     if state is not None and (reused or reopened):
         if not state.ended:
-            owed += [(state, e) for e in finish(state, now_ms,
+            owed += [(state, e) for e in finish(state, clock,
                                                 "closed" if state.all_closed() else "idle")]
         retired = [*state.retired[-6:], *(int(c) for c in state.sockets if int(c) != obs.cookie)]
-        state = FlowState.new(obs, now_ms, partition)
+        state = FlowState.new(obs, clock, partition)
         state.retired = retired
     if state is None:
-        state = FlowState.new(obs, now_ms, partition)
+        state = FlowState.new(obs, clock, partition)
     sock = state.sockets.get(str(obs.cookie))
     if sock is None:
         sock = SocketState(cookie=obs.cookie, local_ip=obs.local_ip, local_port=obs.local_port)
         state.sockets[str(obs.cookie)] = sock
     if not sock.merge(obs):
         return state, owed, None
-    state.changed_ms = now_ms
+    state.changed_ns = clock.time_of(state.last_ns())
     state.dirty = True
     state.partition = partition
     return state, owed, sock
 
 
-def finish(state: FlowState, now_ms: int, reason: str) -> list[Emission]:
+def finish(state: FlowState, clock: Clock, reason: str) -> list[Emission]:
     """START (unless a failed connect) if not yet emitted, then END; marks the state ended."""
     out: list[Emission] = []
     if state.failed and not state.started:
         reason = "failed"
     elif not state.started:
-        out.append(_emit(state, "START", now_ms))
-    state.ended, state.ended_ms, state.ended_with = True, now_ms, len(state.sockets)
-    out.append(_emit(state, "END", now_ms, reason))
+        out.append(_emit(state, "START", clock.now_ms))
+    state.ended, state.ended_with = True, len(state.sockets)
+    state.ended_ns = max(clock.watermark_ns, state.changed_ns)
+    out.append(_emit(state, "END", clock.now_ms, reason))
     return out
 
 
@@ -442,13 +474,17 @@ def _emit(state: FlowState, kind: str, now_ms: int, reason: str | None = None) -
     return emission
 
 
-def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "",
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+def due(state: FlowState, clock: Clock, cfg: FlowConfig, enrichment: str = "",
         peer_may_come: bool = True) -> list[Emission]:
-    """The events owed by ``state`` at processing time ``now_ms``; ``enrichment`` is the
-    signature of the metadata now known for it (a change triggers an UPDATE);
-    ``peer_may_come`` False when the missing end cannot be a local socket (no join delay, no
-    END grace)."""
+    """The events owed by ``state`` at ``clock``; ``enrichment`` is the signature of the
+    metadata now known for it (a change triggers an UPDATE); ``peer_may_come`` False when the
+    missing end cannot be a local socket (no join delay, no END grace)."""
     out: list[Emission] = []
+    now_ms, watermark = clock.now_ms, clock.watermark_ns
     if state.ended:
         if len(state.sockets) > state.ended_with or (state.enrichment
                                                      and enrichment != state.enrichment):
@@ -456,16 +492,15 @@ def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "",
             out.append(_emit(state, "END", now_ms, "failed" if state.failed else "closed"))
         state.enrichment = enrichment
         return out
-    age_s = (now_ms - state.seen_ms) / 1000
     if state.all_closed():
-        closed_for_s = (now_ms - state.changed_ms) / 1000
         settled = state.final() and (state.both_ends() or not peer_may_come)
-        if settled or state.failed or closed_for_s >= cfg.end_grace_s:
-            out += finish(state, now_ms, "failed" if state.failed and not state.started else "closed")
-    elif (now_ms - state.changed_ms) / 1000 >= cfg.idle_timeout_s:
-        out += finish(state, now_ms, "idle")
+        if settled or state.failed or watermark >= state.changed_ns + _ns(cfg.end_grace_s):
+            out += finish(state, clock, "failed" if state.failed and not state.started else "closed")
+    elif watermark >= state.changed_ns + _ns(cfg.idle_timeout_s):
+        out += finish(state, clock, "idle")
     elif not state.started:
-        if state.both_ends() or not peer_may_come or age_s >= cfg.join_delay_s:
+        if (state.both_ends() or not peer_may_come
+                or watermark >= state.seen_ns + _ns(cfg.join_delay_s)):
             out.append(_emit(state, "START", now_ms))
     elif not any(s.closed for s in state.sockets.values()):  # closing: END comes next
         timed_out = state.dirty and (now_ms - state.emitted_ms) / 1000 >= cfg.active_timeout_s
@@ -475,9 +510,9 @@ def due(state: FlowState, now_ms: int, cfg: FlowConfig, enrichment: str = "",
     return out
 
 
-def expired(state: FlowState, now_ms: int, cfg: FlowConfig) -> bool:
+def expired(state: FlowState, clock: Clock, cfg: FlowConfig) -> bool:
     """Whether an ended flow can be forgotten."""
-    return state.ended and (now_ms - state.ended_ms) / 1000 >= cfg.linger_s
+    return state.ended and clock.watermark_ns >= state.ended_ns + _ns(cfg.linger_s)
 
 
 def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | None,
@@ -505,15 +540,19 @@ def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | 
     return out
 
 
-def next_due(state: FlowState, cfg: FlowConfig) -> int:
-    """Processing time (ms) at which ``due`` or ``expired`` may next have something to do."""
+NEVER = 1 << 63  # a time that never comes
+
+
+def next_due(state: FlowState, cfg: FlowConfig) -> tuple[int, int]:
+    """When ``due`` or ``expired`` may next have something to do: once the processing time
+    (ms) reaches the first or the watermark (ns) the second."""
     if state.ended:
-        return state.ended_ms + round(cfg.linger_s * 1000)
-    when = state.changed_ms + round(cfg.idle_timeout_s * 1000)
+        return NEVER, state.ended_ns + _ns(cfg.linger_s)
+    when = state.changed_ns + _ns(cfg.idle_timeout_s)
     if state.all_closed():
-        when = min(when, state.changed_ms + round(cfg.end_grace_s * 1000))
-    elif not state.started:
-        when = min(when, state.seen_ms + round(cfg.join_delay_s * 1000))
-    elif state.dirty and not any(s.closed for s in state.sockets.values()):
-        when = min(when, state.emitted_ms + round(cfg.active_timeout_s * 1000))
-    return when
+        return NEVER, min(when, state.changed_ns + _ns(cfg.end_grace_s))
+    if not state.started:
+        return NEVER, min(when, state.seen_ns + _ns(cfg.join_delay_s))
+    if state.dirty and not any(s.closed for s in state.sockets.values()):
+        return state.emitted_ms + round(cfg.active_timeout_s * 1000), when
+    return NEVER, when

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 
 import schemas
 from packetless.config import Settings
@@ -709,3 +710,74 @@ def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Setting
         worker.stop()
         for r in readers.values():
             r.close()
+
+
+def backlog(n: int, origin_ns: int) -> dict[int, list[tuple[str, dict[str, Any]]]]:
+    """raw.ebpf START and END of both sockets of ``n`` loopback connections, by raw partition:
+    the clients' in partition 0, the servers' in partition 1, each in event-time order as a
+    sensor publishes them. A client's records carry a long command line (4 times the bytes of a
+    server's): a consumer that reads both partitions a megabyte at a time reads the servers
+    far ahead of their clients."""
+    out: dict[int, list[tuple[str, dict[str, Any]]]] = {0: [], 1: []}
+    for i in range(n):
+        start_ns = origin_ns + i * 1_000_000
+        for partition, role, cookie, lport, rport, args in (
+                (0, "CLIENT", 80_000 + 2 * i, 20_000 + i, 8080, ["/usr/bin/client", "x" * 1200]),
+                (1, "SERVER", 80_001 + 2 * i, 8080, 20_000 + i, ["/usr/bin/server"])):
+            process = schemas.record("Process", pid=100 + partition, tid=100 + partition,
+                                     comm=role.lower(), exe=args[0], args=args, uid=0, gid=0,
+                                     ppid=1, start_time_ms=origin_ns // 1_000_000)
+            for kind, t_ns in (("START", 0), ("END", 500_000)):
+                end = kind == "END"
+                out[partition].append((f"node-1:{cookie}", schemas.record(
+                    "EbpfEvent", event_id=f"backlog-{cookie}-{kind}", type=kind,
+                    host_name="node-1", boot_id="backlog", cookie=cookie,
+                    timestamp_ns=start_ns + t_ns, start_ns=start_ns, transport="tcp",
+                    family="ipv4", role=role, local_ip="127.0.0.1", local_port=lport,
+                    remote_ip="127.0.0.1", remote_port=rport, process=process,
+                    bytes_sent=(100 if partition == 0 else 5000) if end else 0,
+                    bytes_received=(5000 if partition == 0 else 100) if end else 0,
+                    packets_sent=3, packets_received=3, state="CLOSE" if end else "ESTABLISHED",
+                    reason="CLOSED" if end else None)))
+    return out
+
+
+def test_backlog_ends_each_flow_once(stack_settings: Settings, tmp_path: Path) -> None:
+    """A backlog of raw records, produced while no worker runs, read by a worker whose raw
+    stage gets the servers' partition far ahead of the clients' (seconds of processing time
+    apart, past the join delay and END grace): the END grace and join delay count event time
+    against the watermark, so every flow ends exactly once, with both ends, and starts once."""
+    s = stack_settings
+    n = 6000
+    codec = Codec(s)
+    producer = Producer({**s.kafka_config(), "linger.ms": 50})
+    topic = topic_name(s, "raw.ebpf")
+    for partition, records in backlog(n, time.time_ns() - 600 * 10**9).items():
+        for key, value in records:
+            while True:
+                try:
+                    producer.produce(topic, codec.encode("raw.ebpf", value), key.encode(),
+                                     partition=partition)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+    assert producer.flush(60) == 0
+    worker = StreamWorker(s, f"g{s.topic_prefix[:-1]}", tmp_path / "worker.log")
+    reader = Reader(s, "flows")
+    flows = reader.records
+    try:
+        worker.start()
+        wait_for({"flows": reader}, lambda: len(latest_ends(flows)) >= n, 240, worker)
+        time.sleep(5)  # a corrective END (a peer read after its flow ended) would come now
+        reader.poll(1)
+    finally:
+        worker.stop()
+        reader.close()
+    ends = [f for f in flows if f["type"] == "END"]
+    starts = [f for f in flows if f["type"] == "START"]
+    print(f"\nbacklog of {4 * n} raw records: {len(starts)} START, {len(ends)} END, "
+          f"{sum(f['type'] == 'UPDATE' for f in flows)} UPDATE for {n} flows")
+    assert len(ends) == n and len(latest_ends(flows)) == n
+    assert all(f["client"]["local"] and f["server"]["local"] for f in ends)
+    assert all((f["client_bytes"], f["server_bytes"]) == (100, 5000) for f in ends)
+    assert len(starts) == n and all(f["sequence"] == 0 for f in starts)

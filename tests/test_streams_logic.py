@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 import schemas
 from streams import ecs, ocsf
 from streams.flows import (
+    NEVER,
+    Clock,
     Emission,
     FlowConfig,
     FlowState,
@@ -36,6 +38,12 @@ T0 = 1_700_000_000_000_000_000  # event time origin, ns
 CFG = FlowConfig(active_timeout_s=10, idle_timeout_s=60, join_delay_s=2, end_grace_s=2, linger_s=30)
 CID_A = "a" * 64
 CID_B = "b" * 64
+
+
+def at(t_ms: int) -> Clock:
+    """``t_ms`` after the event time origin on a caught-up worker: processing time and
+    watermark are the same instant."""
+    return Clock(T0 // 1_000_000 + t_ms, T0 + t_ms * 1_000_000)
 
 
 def obs(cookie: int, role: str, kind: str, t_ms: int, sent: int = 0, received: int = 0,
@@ -65,12 +73,12 @@ def run(observations: list[Observation], ticks: list[int]) -> tuple[FlowState, l
     state = None
     EMITTED.clear()
     for o in observations:
-        state, owed, _ = observe(state, o, 0)
+        state, owed, _ = observe(state, o, at(0))
         EMITTED.extend(e for _s, e in owed)
-        EMITTED.extend(due(state, 0, CFG))
+        EMITTED.extend(due(state, at(0), CFG))
     assert state is not None
     for now in ticks:
-        EMITTED.extend(due(state, now, CFG))
+        EMITTED.extend(due(state, at(now), CFG))
     return state, [(e.type, e.sequence) for e in EMITTED]
 
 
@@ -115,15 +123,48 @@ def test_start_waits_for_the_other_end_then_goes_alone() -> None:
     assert len(state.sockets) == 1
 
 
+def test_lagging_worker_waits_for_the_peer_in_event_time() -> None:
+    """A worker behind its input reads the client's START and END long (in processing time)
+    before the server's: while the watermark has not passed the client's events by the join
+    delay and END grace it emits nothing, then one START and one END with both ends. A
+    caught-up worker (watermark = wall clock) ends a lone socket one grace after it arrived,
+    also when its host's clock is behind or ahead."""
+    now0 = T0 // 1_000_000 + 60_000  # the worker reads the events a minute late
+    lagging = Clock(now0, T0 + 500_000_000)  # the server's raw partition is read up to 0.5 s
+    state = None
+    for o in (obs(1, "client", "START", 0), obs(1, "client", "END", 1000, 600, 30000,
+                                                    state="CLOSE")):
+        state, _, _ = observe(state, o, lagging)
+    assert next_due(state, CFG) == (NEVER, T0 + 1_000_000_000 + round(CFG.end_grace_s * 1e9))
+    for later_ms in (0, 5000, 100_000):  # processing time runs, the watermark does not
+        assert due(state, Clock(now0 + later_ms, lagging.watermark_ns), CFG) == []
+    events = []
+    read_server = Clock(now0 + 100_000, T0 + 1_500_000_000)
+    for o in (obs(2, "server", "START", 1), obs(2, "server", "END", 1001, 30000, 600,
+                                                    state="CLOSE")):
+        state, _, _ = observe(state, o, read_server)
+        events += due(state, read_server, CFG)
+    assert [(e.type, e.sequence) for e in events] == [("START", 0), ("END", 1)]
+    assert due(state, at(3_600_000), CFG) == []  # no corrective END
+    rec = flow_record(state, events[-1], MetaCache(), now0)
+    assert rec["client"]["local"] and rec["server"]["local"] and rec["server_bytes"] == 30000
+
+    for skew_ms in (0, -60_000, 60_000):  # a lone client socket; its host's clock right, behind
+        # or ahead by a minute
+        state, _, _ = observe(None, obs(1, "client", "END", skew_ms, state="CLOSE"), at(0))
+        assert due(state, at(1999), CFG) == []
+        assert [e.type for e in due(state, at(2000), CFG)] == ["START", "END"]
+
+
 def test_update_at_active_timeout_only_when_changed() -> None:
     state = None
     for o in loopback_flow()[:2]:
-        state, _, _ = observe(state, o, 0)
-    assert [e.type for e in due(state, 0, CFG)] == ["START"]
-    assert due(state, 11_000, CFG) == []  # nothing changed since START
-    state, _, _ = observe(state, obs(1, "client", "UPDATE", 5000, 10, 10), 12_000)
-    assert due(state, 13_000, CFG)[0].type == "UPDATE"
-    assert due(state, 14_000, CFG) == []
+        state, _, _ = observe(state, o, at(0))
+    assert [e.type for e in due(state, at(0), CFG)] == ["START"]
+    assert due(state, at(11_000), CFG) == []  # nothing changed since START
+    state, _, _ = observe(state, obs(1, "client", "UPDATE", 5000, 10, 10), at(12_000))
+    assert due(state, at(13_000), CFG)[0].type == "UPDATE"
+    assert due(state, at(14_000), CFG) == []
 
 
 def test_idle_flow_ends() -> None:
@@ -145,23 +186,23 @@ def test_failed_connect_is_one_end_event() -> None:
 def test_tuple_reuse_starts_a_new_flow_and_ignores_the_old_sockets() -> None:
     state = None
     for o in loopback_flow():
-        state, _, _ = observe(state, o, 0)
-    due(state, 0, CFG)
+        state, _, _ = observe(state, o, at(0))
+    due(state, at(0), CFG)
     first = state.flow_id
-    state, owed, _ = observe(state, obs(11, "client", "START", 90_000), 1000)
+    state, owed, _ = observe(state, obs(11, "client", "START", 90_000), at(1000))
     assert owed == [] and state.flow_id != first and list(state.sockets) == ["11"]
-    state, _, changed = observe(state, obs(2, "server", "END", 2001, 30000, 600), 1000)
+    state, _, changed = observe(state, obs(2, "server", "END", 2001, 30000, 600), at(1000))
     assert changed is None and list(state.sockets) == ["11"]
 
 
 def test_netlink_snapshot_joins_ebpf_socket_by_cookie() -> None:
     state = None
     for o in loopback_flow()[:2]:
-        state, _, _ = observe(state, o, 0)
+        state, _, _ = observe(state, o, at(0))
     snap = replace(obs(1, "client", "SOCKET", 1500, 550, 25000), source="netlink", role=None,
                    local_ip="::ffff:127.0.0.1", remote_ip="::ffff:127.0.0.1", process=None)
     assert snap.flow_key() == loopback_flow()[0].flow_key()
-    state, _, changed = observe(state, snap, 0)
+    state, _, changed = observe(state, snap, at(0))
     assert changed is not None and state.sockets["1"].bytes_received == 25000
     assert state.sockets["1"].role == "client" and state.sockets["1"].process["comm"] == "curl"
 
@@ -195,10 +236,10 @@ def test_netlink_time_wait_does_not_end_a_flow_before_its_ebpf_end(client_start:
             obs(2, "server", "END", 2001, 30000, 600, state="CLOSE")]
     state = None
     for o in flow:
-        state, _, _ = observe(state, o, 0)
-        assert "END" not in [e.type for e in due(state, 0, CFG, peer_may_come=False)]
-    state, _, _ = observe(state, obs(1, "client", "END", 2000, 600, 30000, state="CLOSE"), 100)
-    (end,) = [e for e in due(state, 100, CFG, peer_may_come=False) if e.type == "END"]
+        state, _, _ = observe(state, o, at(0))
+        assert "END" not in [e.type for e in due(state, at(0), CFG, peer_may_come=False)]
+    state, _, _ = observe(state, obs(1, "client", "END", 2000, 600, 30000, state="CLOSE"), at(100))
+    (end,) = [e for e in due(state, at(100), CFG, peer_may_come=False) if e.type == "END"]
     assert flow_record(state, end, MetaCache(), 100)["client_bytes"] == 600
 
 
@@ -207,8 +248,8 @@ def test_netlink_only_flow_ends_when_both_ends_closed() -> None:
                for o in loopback_flow()]
     state = None
     for o in netlink:
-        state, _, _ = observe(state, o, 0)
-    assert [e.type for e in due(state, 0, CFG, peer_may_come=False)] == ["START", "END"]
+        state, _, _ = observe(state, o, at(0))
+    assert [e.type for e in due(state, at(0), CFG, peer_may_come=False)] == ["START", "END"]
 
 
 def test_ecs_document_fields_and_types() -> None:
@@ -282,7 +323,7 @@ def feed_passes(passes: list[list[tuple[int, str, int, int, int, int | None]]],
             o = obs(cookie, role, "UPDATE", t_ms, b_out, b_in, srtt_us=rtt, rttvar_us=5,
                     local_port=40000 + cookie if role == "client" else 8080,
                     remote_port=8080 if role == "client" else 40000 + cookie)
-            state, _, sock = observe(flows.get(cookie), o, 0)
+            state, _, sock = observe(flows.get(cookie), o, at(0))
             flows[cookie] = state
             if sock is not None:
                 for a in activity(state, sock, CID_A, None, cfg.step_ms):
@@ -342,7 +383,7 @@ def test_tcp_socket_resumed_after_an_idle_end_is_not_counted_again() -> None:
 
 
 def _one_socket(cookie: int, t_ms: int) -> tuple[FlowState, object]:
-    state, _, sock = observe(None, obs(cookie, "client", "START", t_ms, 1, 1), 0)
+    state, _, sock = observe(None, obs(cookie, "client", "START", t_ms, 1, 1), at(0))
     return state, sock
 
 
@@ -400,16 +441,19 @@ def test_activity_for_container_and_pod() -> None:
 def test_late_metadata_reemits_and_next_due() -> None:
     state = None
     for o in loopback_flow()[:2]:
-        state, _, _ = observe(state, o, 0)
-    assert [e.type for e in due(state, 0, CFG, "sig-unknown")] == ["START"]
-    assert next_due(state, CFG) == CFG.idle_timeout_s * 1000  # nothing else pending
-    assert [e.type for e in due(state, 500, CFG, "sig-known")] == ["UPDATE"]
+        state, _, _ = observe(state, o, at(0))
+    assert [e.type for e in due(state, at(0), CFG, "sig-unknown")] == ["START"]
+    # nothing else pending: idle from when it was read (the 1 ms event was read at 0 ms)
+    assert next_due(state, CFG) == (NEVER, T0 + round(CFG.idle_timeout_s * 1e9))
+    assert [e.type for e in due(state, at(500), CFG, "sig-known")] == ["UPDATE"]
     for o in loopback_flow()[4:]:
-        state, _, _ = observe(state, o, 1000)
-    assert [e.type for e in due(state, 1000, CFG, "sig-known")] == ["END"]
-    assert next_due(state, CFG) == 1000 + CFG.linger_s * 1000
-    assert [e.type for e in due(state, 2000, CFG, "sig-more")] == ["END"]  # corrected END
-    assert expired(state, 1000 + CFG.linger_s * 1000, CFG)
+        state, _, _ = observe(state, o, at(1000))
+    assert [e.type for e in due(state, at(1000), CFG, "sig-known")] == ["END"]
+    # the closes (events at 2,001 ms, read at 1,000 ms) count from when they were read
+    assert next_due(state, CFG) == (NEVER, T0 + 1_000_000_000 + round(CFG.linger_s * 1e9))
+    assert [e.type for e in due(state, at(2000), CFG, "sig-more")] == ["END"]  # corrected END
+    assert not expired(state, at(999 + CFG.linger_s * 1000), CFG)
+    assert expired(state, at(1000 + CFG.linger_s * 1000), CFG)
 
 
 def test_udp_flow_restarting_on_the_same_socket_is_a_new_flow() -> None:
@@ -419,13 +463,13 @@ def test_udp_flow_restarting_on_the_same_socket_is_a_new_flow() -> None:
 
     state = None
     for o in (udp("START", 0, 10), udp("END", 30_000, 50)):
-        state, _, _ = observe(state, o, 0)
-    due(state, 5000, CFG)  # after the end grace: no other end showed up
+        state, _, _ = observe(state, o, at(0))
+    due(state, at(5000), CFG)  # after the end grace: no other end showed up
     assert state.ended
     first = state.flow_id
-    state, owed, sock = observe(state, udp("START", 60_000, 5), 1)
+    state, owed, sock = observe(state, udp("START", 60_000, 5), at(1))
     assert owed == [] and state.flow_id != first and sock is not None and sock.bytes_sent == 5
-    state, _, sock = observe(state, udp("END", 30_000, 50), 1)  # late event of the first flow
+    state, _, sock = observe(state, udp("END", 30_000, 50), at(1))  # late event of the first flow
     assert sock is None and state.sockets["7"].bytes_sent == 5
 
 
@@ -437,12 +481,12 @@ def by_key(observations: list[Observation], ticks: list[int]) -> tuple[dict[str,
     out: list[tuple[str, Emission]] = []
     for o in observations:
         key = o.flow_key()
-        state, owed, _ = observe(table.get(key), o, 0)
+        state, owed, _ = observe(table.get(key), o, at(0))
         out += [(old.key, e) for old, e in owed]
         table[key] = state
-        out += [(key, e) for e in due(state, 0, CFG)]
+        out += [(key, e) for e in due(state, at(0), CFG)]
     for now in ticks:
-        out += [(key, e) for key, state in table.items() for e in due(state, now, CFG)]
+        out += [(key, e) for key, state in table.items() for e in due(state, at(now), CFG)]
     return table, out
 
 
@@ -495,3 +539,15 @@ def test_internal_messages_are_split_to_fit_kafka() -> None:
     assert len(parts) > 1 and all(len(data) <= MESSAGE_BYTES for data in parts)
     assert [row for data in parts for row in orjson.loads(data)] == rows
     assert list(_fitting(rows[:3])) == [_json(rows[:3])]
+
+
+def test_flow_state_of_an_earlier_version_is_read() -> None:
+    """A table value written before the waits counted event time (``seen_ms``, ``changed_ms``,
+    ``ended_ms``) still loads: its waits are over."""
+    state, _ = run(loopback_flow()[:2], [])
+    old = state.to_dict()
+    for name in ("seen_ns", "changed_ns", "ended_ns"):
+        old[name.replace("_ns", "_ms")] = old.pop(name) // 1_000_000
+    restored = FlowState.from_dict(orjson.loads(orjson.dumps(old)))
+    assert restored.changed_ns == 0 and len(restored.sockets) == 2
+    assert [e.type for e in due(restored, at(0), CFG)] == ["END"]  # idle long since
