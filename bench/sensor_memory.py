@@ -42,8 +42,10 @@ def host_tcp() -> dict[str, int]:
 
 
 def stack_stage(stage: str, pid: int) -> str:
-    """One JSON line of the stack's sensor: RSS, its peak, the host's TCP sockets, mappings."""
+    """One JSON line of the stack's sensor: RSS (and its anonymous part: the heaps), its peak,
+    the host's TCP sockets, mappings."""
     return json.dumps({"stage": stage, "rss_mib": round(rss_mib(pid), 1),
+                       "anon_mib": round(rss_mib(pid, "RssAnon"), 1),
                        "peak_mib": round(rss_mib(pid, "VmHWM"), 1), "host_tcp": host_tcp(),
                        "mappings": mappings(pid)})
 

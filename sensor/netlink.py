@@ -15,11 +15,13 @@ import socket
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pyroute2 import IPRoute
 from pyroute2.netlink import (
     NETLINK_ROUTE,
@@ -166,7 +168,7 @@ class _Layout:
 # A socket of a dump as a snapshot keeps it: its head (see DiagMessage), data, offset, end and
 # the index of its layout in the dump's list (-1: none). A plain tuple costs a quarter of a
 # DiagMessage to make, and the garbage collector stops tracking it at its first pass.
-Message = tuple[tuple[int, ...], bytes, int, int, int]
+Message = tuple[tuple[int, ...], bytes | bytearray, int, int, int]
 
 
 @dataclass(slots=True)
@@ -431,6 +433,18 @@ def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]
     return record
 
 
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size`` (the last one shorter)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 @dataclass
 class _Dump:
     """One dump of a namespace (a transport and family), and the layouts of its messages."""
@@ -440,6 +454,43 @@ class _Dump:
     family_name: str
     family: int
     layouts: list[_Layout]
+
+
+class _Waiting:
+    """The messages of a snapshot set aside until the end of its dumps (see
+    NetlinkSensor._events), copied one after the other into one buffer: a bytes object and a
+    head tuple each cost about 800 bytes of small objects per socket, and the tens of thousands
+    of sockets opened during a snapshot made the heap grow for good."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ends = array("Q")  # where each message ends in ``data``
+        self.cookies = array("Q")
+        self.inodes = array("Q")
+        self.indexes = array("b")  # of their layouts in their dumps (-1: none)
+        self.namespaces: list[Namespace] = []
+        self.dumps: list[_Dump] = []
+
+    def add(self, namespace: Namespace, dump: _Dump, message: Message) -> None:
+        head, data, offset, end, index = message
+        self.data += memoryview(data)[offset:end]
+        self.ends.append(len(self.data))
+        self.cookies.append(head[1])
+        self.inodes.append(head[5])
+        self.indexes.append(index)
+        self.namespaces.append(namespace)
+        self.dumps.append(dump)
+
+    def messages(self) -> Iterator[tuple[Namespace, _Dump, Message]]:
+        """The messages set aside, in their order, with their namespaces and dumps (their data
+        is the buffer itself: no more are added once they are read)."""
+        data, start = self.data, 0
+        for end, index, namespace, dump in zip(self.ends, self.indexes, self.namespaces,
+                                               self.dumps, strict=True):
+            head = dump.layouts[index].compare.unpack_from(data, start) if index >= 0 \
+                else _head(data, start + _NLMSGHDR.size, end)
+            yield namespace, dump, (head, data, start, end, index)
+            start = end
 
 
 @dataclass
@@ -453,18 +504,21 @@ class _Snapshot:
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
 
-# What a snapshot keeps of a published socket until it is gone, to tell whether it changed and
-# to rebuild its record for its SOCKET_CLOSED: one struct row (about 250 bytes with tcp_info,
-# against a kilobyte of Python objects), with the socket's process and container id (shared):
-# the hash of what was compared when it was published (see _signature), its network namespace
-# inode, pid (-1: none), DUMPS index, flags (_HAS_CGROUP), the inet_diag_msg, cgroup id, congestion
-# and, for TCP, the _TCP_NAMES members of tcp_info.
-_KEPT = struct.Struct("=qIiBB72sQ16s")
-_KEPT_FIELDS = 8
-_KEPT_TCP = struct.Struct(_KEPT.format + "".join(fmt for name, fmt in _TCP_LAYOUT if name))
-_KEPT_SIGNATURE = struct.Struct("=q")  # the first field of a row
+# What a snapshot keeps of a published socket until it is gone, to rebuild its record for its
+# SOCKET_CLOSED: a fixed-size row (see _KeptSockets), with the socket's process and container id
+# (shared): its network namespace inode, pid (-1: none), DUMPS index, flags (_HAS_CGROUP,
+# _HAS_TCP), the inet_diag_msg, cgroup id, congestion and the _TCP_NAMES members of tcp_info
+# (zeros without).
+_ROW = struct.Struct("=IiBB72sQ16s" + "".join(fmt for name, fmt in _TCP_LAYOUT if name))
+_ROW_FIELDS = 7
+_ROW_NETNS = struct.Struct("=I")  # the first field of a row
+_ROW_INODE = struct.Struct(f"={_ROW_NETNS.size + 6 + _INET_DIAG_MSG.size - 4}xI")  # diag's last
+_NO_TCP = (0,) * len(_TCP_NAMES)
 _HAS_CGROUP = 1
-Kept = tuple[bytes, dict[str, Any] | None, str | None]  # the row, process, container id
+_HAS_TCP = 2
+Kept = tuple[tuple[Any, ...], dict[str, Any] | None, str | None]  # row fields, process, container id
+LOOKUP_BATCH = 1024  # sockets of a dump looked up among the kept ones at once
+SLOTS_ADDED = 1024  # slots for kept sockets added at once (mapped apart: no copy, no slack)
 
 
 def _signature(head: tuple[int, ...], pid: int | None) -> int:
@@ -472,34 +526,31 @@ def _signature(head: tuple[int, ...], pid: int | None) -> int:
     return hash((head, pid))
 
 
-def _keep(signature: int, netns: int, pid: int | None, dump: _Dump, data: bytes, offset: int,
+def _keep(netns: int, pid: int | None, dump: _Dump, data: bytes, offset: int,
           fields: tuple[Any, ...], process: dict[str, Any] | None,
           container_id: str | None) -> Kept:
-    """What is kept of the message ``data[offset:]`` (see _KEPT); ``fields``: its _fields."""
+    """What is kept of the message ``data[offset:]`` (the fields of its _ROW); ``fields``: its
+    _fields."""
     tcp_info, congestion, cgroup_id = fields[5:]
     diag = data[offset + _NLMSGHDR.size:offset + _NLMSGHDR.size + _INET_DIAG_MSG.size]
-    head = (signature, netns, -1 if pid is None else pid, dump.kind,
-            _HAS_CGROUP if cgroup_id is not None else 0, diag,
-            cgroup_id or 0, (congestion or "").encode())
-    row = _KEPT_TCP.pack(*head, *tcp_info) if tcp_info is not None else _KEPT.pack(*head)
+    flags = (_HAS_CGROUP if cgroup_id is not None else 0) | (_HAS_TCP if tcp_info is not None
+                                                             else 0)
+    row = (netns, -1 if pid is None else pid, dump.kind, flags, bytes(diag), cgroup_id or 0,
+           (congestion or "").encode()[:16].ljust(16, b"\0"),
+           *(_NO_TCP if tcp_info is None else tcp_info))
     return row, process, container_id
-
-
-def _kept_signature(kept: Kept) -> int:
-    return _KEPT_SIGNATURE.unpack_from(kept[0])[0]
 
 
 def _kept_record(kept: Kept) -> tuple[int, dict[str, Any]]:
     """The network namespace inode and record of a kept socket."""
-    row, process, container_id = kept
-    values = (_KEPT_TCP if len(row) == _KEPT_TCP.size else _KEPT).unpack(row)
-    _, netns, pid, kind, flags, diag, cgroup_id, congestion = values[:_KEPT_FIELDS]
+    values, process, container_id = kept
+    netns, pid, kind, flags, diag, cgroup_id, congestion = values[:_ROW_FIELDS]
     family, _protocol, transport, family_name = DUMPS[kind]
     (_family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie, _expires,
      rqueue, wqueue, uid, inode) = _INET_DIAG_MSG.unpack(diag)
     fields = (*_endpoints(family, sport, dport, src, dst), ifindex,
-              values[_KEPT_FIELDS:] or None, _congestion(congestion) or None,
-              cgroup_id if flags & _HAS_CGROUP else None)
+              values[_ROW_FIELDS:] if flags & _HAS_TCP else None,
+              _congestion(congestion) or None, cgroup_id if flags & _HAS_CGROUP else None)
     return netns, _record(transport, family_name, (state, cookie, rqueue, wqueue, uid, inode),
                           fields, None if pid < 0 else pid, process, container_id)
 
@@ -538,6 +589,108 @@ def _record(transport: str, family_name: str, head: tuple[int, ...], fields: tup
     }
 
 
+class _KeptSockets:
+    """What the snapshots keep of the sockets they published, until they are gone, without a
+    Python object per socket: 100,000 sockets kept as a row bytes object, a tuple and a dict
+    entry with its key cost 41 MiB, and those long-lived small objects, made among each
+    snapshot's short-lived ones, kept much more of the heap from going back to the system.
+
+    A socket has a slot: its row at ``slot * _ROW.size`` in ``rows``, its signature (see
+    _signature), process and container id at ``slot`` in ``signatures``, ``processes`` and
+    ``containers``. The cookies of the kept sockets are a sorted array beside their slots,
+    looked up a batch at a time (``find``). A snapshot marks the slots it saw (``seen``), and
+    ``end`` frees those of the sockets gone and adds the new ones to the index.
+    """
+
+    def __init__(self) -> None:
+        self.rows = bytearray()
+        self.signatures = array("q")
+        self.processes: list[dict[str, Any] | None] = []
+        self.containers: list[str | None] = []
+        self.seen = bytearray()
+        self._free = array("I")
+        self._cookies = np.zeros(0, np.uint64)
+        self._slots = np.zeros(0, np.uint32)
+        self._added_cookies = array("Q")
+        self._added_slots = array("I")
+
+    def __len__(self) -> int:
+        return len(self._cookies)
+
+    def begin(self) -> None:
+        """A new snapshot: no slot seen yet."""
+        self.seen = bytearray(len(self.signatures))
+
+    def find(self, cookies: list[int]) -> list[int]:
+        """The slot of each of ``cookies`` (-1: not kept)."""
+        if not len(self._cookies):
+            return [-1] * len(cookies)
+        wanted = np.array(cookies, np.uint64)
+        at = np.minimum(np.searchsorted(self._cookies, wanted), len(self._cookies) - 1)
+        return np.where(self._cookies[at] == wanted, self._slots[at].astype(np.int64),
+                        -1).tolist()
+
+    def store(self, cookie: int, slot: int, signature: int, kept: Kept) -> None:
+        """Keep ``kept`` for ``cookie`` in ``slot`` (-1: a new socket, given a free slot)."""
+        if slot < 0:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self._added_cookies.append(cookie)
+            self._added_slots.append(slot)
+        row, self.processes[slot], self.containers[slot] = kept
+        _ROW.pack_into(self.rows, slot * _ROW.size, *row)
+        self.signatures[slot] = signature
+        self.seen[slot] = 1
+
+    def _grow(self) -> None:
+        """SLOTS_ADDED more free slots (the lowest given first)."""
+        start, count = len(self.signatures), SLOTS_ADDED
+        self.rows += bytes(count * _ROW.size)
+        self.signatures.frombytes(bytes(count * self.signatures.itemsize))
+        self.processes += [None] * count
+        self.containers += [None] * count
+        self.seen += bytes(count)
+        self._free.extend(range(start + count - 1, start - 1, -1))
+
+    def unseen(self) -> list[tuple[int, int]]:
+        """(cookie, slot) of the kept sockets the snapshot has not seen (yet)."""
+        missing = np.frombuffer(bytes(self.seen), np.uint8)[self._slots] == 0
+        return list(zip(self._cookies[missing].tolist(), self._slots[missing].tolist(),
+                        strict=True))
+
+    def netns(self, slot: int) -> int:
+        return _ROW_NETNS.unpack_from(self.rows, slot * _ROW.size)[0]
+
+    def inode(self, slot: int) -> int:
+        return _ROW_INODE.unpack_from(self.rows, slot * _ROW.size)[0]
+
+    def kept(self, slot: int) -> Kept:
+        return (_ROW.unpack_from(self.rows, slot * _ROW.size), self.processes[slot],
+                self.containers[slot])
+
+    def end(self, gone: list[int]) -> None:
+        """The snapshot is over: the ``gone`` slots are freed, the new sockets indexed."""
+        for slot in gone:
+            self.processes[slot] = self.containers[slot] = None
+        self._free.extend(gone)
+        cookies, slots = self._cookies, self._slots
+        if gone:
+            keep = np.isin(slots, np.array(gone, np.uint32), invert=True)
+            cookies, slots = cookies[keep], slots[keep]
+        if self._added_cookies:
+            cookies = np.concatenate((cookies, np.frombuffer(self._added_cookies, np.uint64)))
+            slots = np.concatenate((slots, np.frombuffer(self._added_slots, np.uint32)))
+            order = np.argsort(cookies, kind="stable")
+            cookies, slots = cookies[order], slots[order]
+            twice = np.flatnonzero(cookies[1:] == cookies[:-1])  # seen twice in one snapshot
+            if len(twice):
+                self._free.extend(slots[twice].tolist())
+                cookies, slots = np.delete(cookies, twice), np.delete(slots, twice)
+        self._cookies, self._slots = cookies, slots
+        self._added_cookies, self._added_slots = array("Q"), array("I")
+
+
 class NetlinkSensor:
     """Takes snapshots and remembers the previous one to report closed sockets.
 
@@ -554,7 +707,7 @@ class NetlinkSensor:
         self.enter_namespaces = options.other_namespaces and not privileges.missing(
             ["CAP_SYS_ADMIN"], held)
         self.limitations: list[str] = []
-        self._previous: dict[int, Kept] = {}  # cookie -> what is kept of the socket
+        self._kept = _KeptSockets()
         self._count = 0
         self._containers_seen: set[str] = set()
         self._owners = SocketOwners(options.proc)
@@ -603,66 +756,72 @@ class NetlinkSensor:
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
         self._count += 1
         state = _Snapshot(now_ms, max(1, options.unchanged_every), self._owners.read())
-        current: dict[int, Kept] = {}
-        waiting: list[tuple[Namespace, _Dump, Message]] = []
+        kept = self._kept
+        kept.begin()
+        host = options.host_name
+        waiting = _Waiting()
         dumped: set[int] = set()
         links: list[tuple[Namespace, dict[str, Any]]] = []
+        gone: list[tuple[int, int, int]] = []  # cookie, netns inode, slot
         owned = self._owners.owned
-        for namespace in namespaces.values():
-            try:
-                for dump, message in self._messages(namespace):
-                    inode = message[0][5]
-                    if inode and not owned(inode, state.owners):
-                        head, data, offset, end, index = message
-                        waiting.append((namespace, dump, (head, data[offset:end], 0,
-                                                          end - offset, index)))
-                    elif event := self._socket(dump, message, namespace, state, current):
+        try:
+            for namespace in namespaces.values():
+                try:
+                    for batch in _batches(self._messages(namespace), LOOKUP_BATCH):
+                        slots = kept.find([message[0][1] for _, message in batch])
+                        for (dump, message), slot in zip(batch, slots, strict=True):
+                            inode = message[0][5]
+                            if inode and not owned(inode, state.owners):
+                                waiting.add(namespace, dump, message)
+                            elif event := self._socket(dump, message, namespace, state, slot):
+                                yield event
+                    dumped.add(namespace.inode)
+                    if options.interfaces:
+                        links += [(namespace, link) for link in self._links(namespace)]
+                except OSError as error:
+                    self._namespace_error(namespace, error)
+            waited = set(waiting.cookies)
+            for cookie, slot in kept.unseen():
+                if cookie in waited:
+                    continue
+                netns = kept.netns(slot)
+                if netns in dumped or netns not in namespaces:
+                    gone.append((cookie, netns, slot))
+                else:  # its namespace could not be read this time
+                    kept.seen[slot] = 1
+            self._owners.closed(kept.inode(slot) for _, _, slot in gone)
+            if waiting.cookies:
+                state.owners = self._owners.complete(set(waiting.inodes))
+                slots = kept.find(waiting.cookies.tolist())
+                for (namespace, dump, message), slot in zip(waiting.messages(), slots,
+                                                            strict=True):
+                    if event := self._socket(dump, message, namespace, state, slot):
                         yield event
-                dumped.add(namespace.inode)
-                if options.interfaces:
-                    links += [(namespace, link) for link in self._links(namespace)]
-            except OSError as error:
-                self._namespace_error(namespace, error)
-        waited = {message[0][1] for _, _, message in waiting}
-        gone: list[tuple[int, int, dict[str, Any]]] = []  # cookie, netns inode, record
-        for cookie, kept in self._previous.items():
-            if cookie in current or cookie in waited:
-                continue
-            netns, record = _kept_record(kept)
-            if netns in dumped or netns not in namespaces:
-                gone.append((cookie, netns, record))
-            else:  # its namespace could not be read this time
-                current[cookie] = kept
-        self._owners.closed(record["inode"] for _, _, record in gone)
-        if waiting:
-            state.owners = self._owners.complete({message[0][5] for _, _, message in waiting})
-            for namespace, dump, message in waiting:
-                if event := self._socket(dump, message, namespace, state, current):
-                    yield event
-        self._previous = current
-        host = options.host_name
-        for cookie, netns, record in gone:
-            yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, netns, record, None)
+            for cookie, netns, slot in gone:
+                yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, netns,
+                                                      _kept_record(kept.kept(slot))[1], None)
+        finally:
+            kept.end([slot for _, _, slot in gone])
         for namespace, link in _pair_veths(links):
             name = link["name"] if namespace.host else f"{namespace.label}/{link['name']}"
             yield f"{host}:if:{name}", self._event("INTERFACE", now_ms, namespace.inode, None,
                                                    link)
 
     def _socket(self, dump: _Dump, message: Message, namespace: Namespace, state: _Snapshot,
-                current: dict[int, Kept]) -> tuple[str, dict[str, Any]] | None:
+                slot: int) -> tuple[str, dict[str, Any]] | None:
         """The SOCKET event of ``message`` if it is to be published (new, changed, or its
-        turn among the idle ones); notes what is kept of it in ``current``."""
+        turn among the idle ones); keeps what is kept of it in its ``slot`` (-1: new)."""
         head = message[0]
         cookie, inode = head[1], head[5]
         pid = state.owners.get(inode) if inode else None
         signature = _signature(head, pid)
-        last = self._previous.get(cookie)
-        if last is not None and _kept_signature(last) == signature \
+        kept = self._kept
+        if slot >= 0 and kept.signatures[slot] == signature \
                 and (self._count + cookie) % state.every:
-            current[cookie] = last
+            kept.seen[slot] = 1
             return None
-        record, current[cookie] = self._socket_record(dump, message, namespace, state, pid,
-                                                      signature)
+        record, row = self._socket_record(dump, message, namespace, state, pid)
+        kept.store(cookie, slot, signature, row)
         return f"{self.options.host_name}:{cookie}", self._event(
             "SOCKET", state.now_ms, namespace.inode, record, None)
 
@@ -699,9 +858,8 @@ class NetlinkSensor:
                     yield dump, message
 
     def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
-                       state: _Snapshot, pid: int | None, signature: int
-                       ) -> tuple[dict[str, Any], Kept]:
-        """The SocketSnapshot record of a message, and what is kept of it (see _KEPT)."""
+                       state: _Snapshot, pid: int | None) -> tuple[dict[str, Any], Kept]:
+        """The SocketSnapshot record of a message, and what is kept of it (see _ROW)."""
         head, data, offset, end, index = message
         fields = _fields(dump.family, data, offset, end, dump.layouts[index] if index >= 0
                          else None)
@@ -716,7 +874,7 @@ class NetlinkSensor:
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
-        kept = _keep(signature, namespace.inode, pid, dump, data, offset, fields, process,
+        kept = _keep(namespace.inode, pid, dump, data, offset, fields, process,
                      container_id)
         return _record(dump.transport, dump.family_name, head, fields, pid, process,
                        container_id), kept

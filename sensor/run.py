@@ -4,7 +4,8 @@ eBPF mode follows every flow in the kernel; Netlink mode (no root, no bcc) takes
 snapshots. In both modes the Netlink snapshots (tcp_info, interface counters), the Docker
 metadata watcher and the process lineage feed run beside it, sharing one cgroup resolver and
 one process cache. Metrics are served on ``--web-host:--metrics-port`` (127.0.0.1 by default).
-Every ``TRIM_INTERVAL_S`` the heap memory freed since (after a burst) is given back to the system.
+Every ``TRIM_INTERVAL_S`` the heap memory freed since (after a burst) is given back to the system,
+and blocks from ``MMAP_THRESHOLD`` bytes up are mapped apart (see ``tune_malloc``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ UNENCODABLE = Counter("packetless_sensor_unencodable_records",
 PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
                             "Seconds from queueing a record to the broker's acknowledgement")
 TRIM_INTERVAL_S = 10.0
+MMAP_THRESHOLD = 128 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
                "meta.processes": "process"}
 
@@ -128,6 +131,7 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
          snapshot_interval: float = 5.0, metrics_port: int = 9464,
          web_host: str = "127.0.0.1") -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
+    tune_malloc()
     mode, why = choose_mode(mode)
     print(f"packetless sensor: mode {mode} ({why})", flush=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -198,6 +202,19 @@ def malloc_trim() -> Callable[[int], int] | None:
         return ctypes.CDLL(None).malloc_trim
     except AttributeError:
         return None
+
+
+def tune_malloc() -> bool:
+    """Keep glibc's mmap threshold at ``MMAP_THRESHOLD``: each large block (a snapshot's receive
+    buffers and tables, a scan's arrays, the kept sockets' rows) is then mapped on its own and
+    unmapped when freed. By default glibc raises the threshold to the size of each mapped block
+    freed (up to 32 MiB): later large blocks then come from the heaps of the threads' arenas,
+    where the small blocks made beside them keep the space from going back to the system.
+    False without glibc."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except AttributeError:
+        return False
 
 
 def set_map_fill(fill: dict[str, float]) -> None:

@@ -640,19 +640,122 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
     for dump, message in found:
         walked = netlink._Dump(dump.kind, dump.transport, dump.family_name, dump.family, [])
         pid = state.owners.get(message[0][5])
-        signature = netlink._signature(message[0], pid)
-        record, kept = sensor._socket_record(dump, message, namespace, state, pid, signature)
+        record, kept = sensor._socket_record(dump, message, namespace, state, pid)
         assert record == sensor._socket_record(walked, (*message[:4], -1), namespace, state,
-                                               pid, signature)[0]
+                                               pid)[0]
         # what is kept for the socket's SOCKET_CLOSED gives the same record again
+        assert len(netlink._ROW.pack(*kept[0])) == netlink._ROW.size
         assert netlink._kept_record(kept) == (namespace.inode, record)
-        assert netlink._kept_signature(kept) == signature
         compared += message[4] >= 0
         kinds.add((record["transport"], record["family"], record["tcp"] is not None,
                    record["pid"] is not None))
+    # messages set aside until the end of a dump give the same heads and records
+    waiting = netlink._Waiting()
+    for dump, message in found:
+        waiting.add(namespace, dump, message)
+    assert list(waiting.cookies) == [message[0][1] for _, message in found]
+    for (dump, message), (ns, kept_dump, copy) in zip(found, waiting.messages(), strict=True):
+        assert ns is namespace and kept_dump is dump and copy[0] == message[0]
+        pid = state.owners.get(message[0][5])
+        assert sensor._socket_record(dump, copy, namespace, state, pid)[0] == \
+            sensor._socket_record(dump, message, namespace, state, pid)[0]
     assert compared >= 20
     assert {("tcp", "ipv4", True, True), ("tcp", "ipv6", True, True),
             ("udp", "ipv4", False, True)} <= kinds
+
+
+def test_kept_sockets_slots_and_index() -> None:
+    """The store of kept sockets: a socket keeps its slot until it is gone, a gone socket's slot
+    is given to the next new one, and a cookie stored twice in one snapshot is indexed once."""
+    kept = netlink._KeptSockets()
+    rows = [netlink._ROW.unpack(bytes([i]) * netlink._ROW.size) for i in range(4)]
+    process = {"pid": 1}
+    kept.begin()
+    for cookie, row in zip((30, 10, 20), rows, strict=False):
+        kept.store(cookie, -1, cookie * 7, (row, process, f"c{cookie}"))
+    kept.end([])
+    assert len(kept) == 3 and kept.find([10, 20, 30, 15, 40, 0]) == [1, 2, 0, -1, -1, -1]
+    assert kept.kept(1) == (rows[1], process, "c10") and kept.signatures[2] == 140
+    kept.begin()
+    kept.seen[1] = 1
+    assert kept.unseen() == [(20, 2), (30, 0)]
+    kept.store(20, 2, 1, (rows[3], None, None))  # changed: same slot, new values
+    assert kept.unseen() == [(30, 0)] and kept.kept(2) == (rows[3], None, None)
+    kept.end([0])
+    assert kept.find([30, 10, 20]) == [-1, 1, 2] and kept.processes[0] is None
+    kept.begin()
+    kept.store(50, -1, 5, (rows[0], None, None))  # takes the slot 30 left
+    kept.store(50, -1, 5, (rows[0], None, None))  # the same cookie again: a new slot
+    kept.end([])
+    assert len(kept) == 3 and kept.find([50]) == [3]
+    assert len(kept.signatures) == len(kept.processes) == netlink.SLOTS_ADDED  # grown at once
+    kept.begin()
+    kept.store(60, -1, 6, (rows[0], None, None))  # the slot freed by the duplicate
+    kept.end([])
+    assert kept.find([10, 20, 50, 60]) == [1, 2, 3, 0]
+
+
+def _linger_close(sock: socket.socket) -> None:
+    """Close with a reset: both ends are gone at once (no TIME_WAIT)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_changed_sockets_republished_closed_ones_reported() -> None:
+    """Between snapshots an unchanged socket is not published again, a socket that exchanged
+    data is, and a socket gone is published as SOCKET_CLOSED with the values of its last
+    SOCKET record; a new socket after that is published as new."""
+    server = socket.create_server(("127.0.0.1", 0))
+    pairs = []
+    for _ in range(30):
+        client = socket.create_connection(server.getsockname())
+        pairs.append((client, server.accept()[0]))
+
+    def ports(pair: tuple[socket.socket, socket.socket]) -> set[tuple[int, int]]:
+        return {(s.getsockname()[1], s.getpeername()[1]) for s in pair}
+
+    ours = set().union(*(ports(pair) for pair in pairs))
+
+    def snapshot() -> dict[str, dict[tuple[int, int], dict[str, Any]]]:
+        found: dict[str, dict[tuple[int, int], dict[str, Any]]] = {}
+        for _, value in sensor.snapshot():
+            sock = value["socket"]
+            if sock is not None and (sock["local_port"], sock["remote_port"]) in ours:
+                found.setdefault(value["kind"], {})[sock["local_port"], sock["remote_port"]] = sock
+        return found
+
+    sensor = NetlinkSensor(NetlinkOptions(host_name="h", interfaces=False, udp=False,
+                                          other_namespaces=False, unchanged_every=1000))
+    try:
+        first = snapshot()
+        assert set(first) == {"SOCKET"} and set(first["SOCKET"]) == ours
+        assert all(s["state"] == "ESTABLISHED" and s["pid"] == os.getpid()
+                   for s in first["SOCKET"].values())
+        assert snapshot() == {}
+        changed, closed = pairs[0], pairs[1]
+        closed_ports = ports(closed)
+        changed[0].sendall(b"x" * 1000)
+        assert changed[1].recv(2000)
+        _linger_close(closed[0])
+        _linger_close(closed[1])
+        time.sleep(0.2)
+        third = snapshot()
+        assert set(third) == {"SOCKET", "SOCKET_CLOSED"}
+        assert set(third["SOCKET"]) == ports(changed)
+        assert sum(s["tcp"]["bytes_received"] for s in third["SOCKET"].values()) == 1000
+        assert third["SOCKET_CLOSED"] == {k: first["SOCKET"][k] for k in closed_ports}
+        assert snapshot() == {}
+        client = socket.create_connection(server.getsockname())
+        pairs.append((client, server.accept()[0]))
+        ours |= ports(pairs[-1])
+        assert set(snapshot()) == {"SOCKET"}
+        slots = sensor._kept.find([s["cookie"] for s in first["SOCKET"].values()])
+        assert [slot >= 0 for slot in slots] == [k not in closed_ports for k in first["SOCKET"]]
+    finally:
+        for pair in pairs[2:]:
+            for sock in pair:
+                sock.close()
+        server.close()
 
 
 def test_process_gone_before_lookup() -> None:
