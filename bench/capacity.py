@@ -16,14 +16,23 @@ import time
 from pathlib import Path
 
 from bench import peers
-from bench.common import PYTHON, REPO, Item, Monitor, fmt, loadgen, new_port, start_monitor
-from bench.sensor_memory import host_tcp
+from bench.common import (
+    PYTHON,
+    REPO,
+    TIME_WAIT_LOW,
+    Item,
+    Monitor,
+    fmt,
+    loadgen,
+    new_port,
+    start_monitor,
+    time_wait_low,
+)
 from bench.stack import LocalStack, metric, raw_since, start
 
 STEPS = (2000, 5000, 10000, 15000)
 SENSOR_STEPS = (5000, 10000)
 CLIENTS, SERVERS = 2, 2
-TIME_WAIT_LOW = 2000  # a step starts once the previous one's TIME_WAIT sockets are gone
 
 
 def step(run_dir: Path, rate: int, seconds: float) -> dict[str, float | int | bool]:
@@ -79,14 +88,6 @@ def run(run_dir: Path, quick: bool) -> Item:
     return item
 
 
-def _time_wait_low(max_s: float = 120.0) -> int:
-    """Wait until few TCP sockets are in TIME_WAIT (the sensor sees their ends too)."""
-    deadline = time.monotonic() + max_s
-    while host_tcp().get("tw", 0) > TIME_WAIT_LOW and time.monotonic() < deadline:
-        time.sleep(1)
-    return host_tcp().get("tw", 0)
-
-
 def _start_sensor(stack: LocalStack, run_dir: Path, rate: int,
                   tree: Path) -> tuple[Monitor, int]:
     """``packetless sensor --mode ebpf`` of source tree ``tree`` on the stack, with a data dir
@@ -135,7 +136,7 @@ def sensor_step(stack: LocalStack, run_dir: Path, rate: int, seconds: float,
     """One churn step under a fresh ``packetless sensor`` (of this source tree, or of another
     one to compare): what reached raw.ebpf, its losses (metric and DROPS record) and the CPU
     seconds it spent on the step."""
-    time_wait = _time_wait_low()
+    time_wait = time_wait_low()
     since_ms = int(time.time() * 1000)  # this sensor's records only: its DROPS are the last
     mon, metrics_port = _start_sensor(stack, run_dir, rate, tree)
     try:

@@ -24,6 +24,7 @@ PYTHON = sys.executable
 WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "packetless" / "bench"
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 TCPLIFE = "tcplife-bpfcc"
+TIME_WAIT_LOW = 2000  # a measurement starts once earlier runs' TIME_WAIT sockets are gone
 
 
 def loadgen() -> Path:
@@ -267,3 +268,22 @@ def release_holders(holders: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def host_tcp() -> dict[str, int]:
+    """TCP sockets of this network namespace (/proc/net/sockstat): the sensor sees them all,
+    other programs' included, so the measurement says how many there were."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()[1:]
+            return {k: int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
+    return {}
+
+
+def time_wait_low(max_s: float = 120.0) -> int:
+    """Wait until few TCP sockets are in TIME_WAIT (a sensor sees them too); returns how many
+    are left."""
+    deadline = time.monotonic() + max_s
+    while host_tcp().get("tw", 0) > TIME_WAIT_LOW and time.monotonic() < deadline:
+        time.sleep(1)
+    return host_tcp().get("tw", 0)

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import PYTHON, REPO, release_holders, start_holder
+from bench.common import PYTHON, REPO, host_tcp, release_holders, start_holder
 from bench.stack import start
 from bench.traffic import HOLD_CHUNK
 
@@ -29,16 +29,6 @@ def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} for {pid}")
-
-
-def host_tcp() -> dict[str, int]:
-    """TCP sockets of this network namespace (/proc/net/sockstat): the sensor sees them all,
-    other programs' included, so the measurement says how many there were."""
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            fields = line.split()[1:]
-            return {k: int(v) for k, v in zip(fields[::2], fields[1::2], strict=True)}
-    return {}
 
 
 def stack_stage(stage: str, pid: int) -> str:

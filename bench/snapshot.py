@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench import traffic
-from bench.common import Item, fmt, release_holders, start_holder
+from bench.common import Item, fmt, release_holders, start_holder, time_wait_low
 from sensor import netlink
 from sensor.owners import SocketOwners
 from sensor.processes import ProcessCache
@@ -82,6 +82,7 @@ def run(run_dir: Path, quick: bool) -> Item:
     run_dir.mkdir(parents=True, exist_ok=True)
     sockets = 20_000 if quick else TARGET_SOCKETS
     every = netlink.NetlinkOptions().unchanged_every
+    time_wait = time_wait_low()  # an earlier run's closed connections would be snapshotted too
     holders = _hold(run_dir, sockets // 2)
     firsts: list[tuple[float, int, float, float]] = []  # reference CPU s, events, CPU s, wall s
     try:
@@ -121,7 +122,8 @@ def run(run_dir: Path, quick: bool) -> Item:
                          f"max {first_cpus[-1] * scale:.2f} s)",
                          first_median * scale < TARGET_CPU_S if not quick else None))
     item.notes.append(f"{sockets // 2:,} loopback connections held by processes of "
-                      f"{traffic.HOLD_CHUNK:,}, settled {SETTLE_S:g} s; the snapshots run in the "
+                      f"{traffic.HOLD_CHUNK:,} (started with {time_wait:,} TIME_WAIT sockets "
+                      f"left on the host), settled {SETTLE_S:g} s; the snapshots run in the "
                       "bench process with process lookups (psutil) of the holders; host "
                       "namespace only; a full "
                       f"read of the /proc socket owners takes {owners_cpu:.2f} s CPU measured "
