@@ -1,18 +1,20 @@
 """Elastic Common Schema documents of a flow event (topic packetless.flows.ecs): one document per
 local socket of the flow, ``source`` the initiator and ``destination`` the responder (SPEC.md).
 The fields of a flow's end (its process and container) are made once per distinct end
-(``END_CACHE``): a process's flows share them.
+(``shared``): a process's flows share them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
-END_CACHE = 4096  # distinct ends (process and container) whose ECS fields are kept
+END_CACHE = 4096  # distinct processes and containers whose fields are kept (``shared``)
+T = TypeVar("T")
 ACTIONS = {"START": "flow_start", "UPDATE": "flow_update", "END": "flow_end"}
 EVENT_TYPES = {"flow_start": ["connection", "start"], "flow_update": ["connection", "info"],
                "flow_end": ["connection", "end"], "connection_failed": ["connection", "error"]}
@@ -93,28 +95,34 @@ def documents(flow: dict[str, Any]) -> list[dict[str, Any]]:
     return [_document(flow, common, side, ends) for side in sides]
 
 
-_ENDS: dict[bytes, dict[str, Any]] = {}
+_SHARED: dict[tuple[str, bytes], Any] = {}
 
 
-def _end(end: dict[str, Any]) -> dict[str, Any]:
-    """The ECS fields of one end of a flow (its process and container), without empty values;
-    shared by the documents of every flow with the same end (read-only)."""
-    key = orjson.dumps((end["process"], end["container"]))
-    out = _ENDS.get(key)
+def shared(make: Callable[..., T], *parts: Any) -> T:
+    """``make(*parts)``, made once per distinct ``parts`` (JSON values) and shared, read-only, by
+    the documents of every flow that has them: a process's flows share its fields."""
+    key = (make.__qualname__, orjson.dumps(parts))
+    out = _SHARED.get(key)
     if out is None:
-        if len(_ENDS) >= END_CACHE:
-            _ENDS.clear()
-        out = _ENDS[key] = _end_fields(end)
+        if len(_SHARED) >= END_CACHE:
+            _SHARED.clear()
+        out = _SHARED[key] = make(*parts)
     return out
 
 
-def _end_fields(end: dict[str, Any]) -> dict[str, Any]:
+def _end(end: dict[str, Any]) -> dict[str, Any]:
+    """The ECS fields of one end of a flow (its process and container), without empty values."""
+    return shared(_end_fields, end["process"], end["container"])
+
+
+def _end_fields(process: dict[str, Any] | None, container: dict[str, Any] | None
+                ) -> dict[str, Any]:
     out = {}
-    if end["process"]:
-        out["process"] = drop_empty(process_fields(end["process"]))
-    if end["container"]:
-        out["container"] = drop_empty(container_fields(end["container"]))
-        orchestrator = orchestrator_fields(end["container"])
+    if process:
+        out["process"] = drop_empty(process_fields(process))
+    if container:
+        out["container"] = drop_empty(container_fields(container))
+        orchestrator = orchestrator_fields(container)
         if orchestrator:
             out["orchestrator"] = drop_empty(orchestrator)
     return out

@@ -1,16 +1,13 @@
 """OCSF Network Activity (class_uid 4001) events of a flow event (topic packetless.flows.ocsf),
 one per local socket like the ECS documents; ``src_endpoint`` is the initiator. The objects of a
-process or container are made once per distinct one (``ecs.END_CACHE``).
+process or container are made once per distinct one (``ecs.shared``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-import orjson
-
-from streams.ecs import END_CACHE, drop_empty
+from streams.ecs import drop_empty, shared
 
 OCSF_VERSION = "1.3.0"
 ACTIVITY = {"open": (1, "Open"), "close": (2, "Close"), "fail": (4, "Fail"),
@@ -27,38 +24,25 @@ def _activity(flow: dict[str, Any]) -> tuple[int, str]:
     return ACTIVITY["close"]
 
 
-_MADE: dict[tuple[str, bytes], Any] = {}
-
-
-def _made(make: Callable[[dict[str, Any]], Any], value: dict[str, Any]) -> Any:
-    """``drop_empty(make(value))``, shared by the events of every flow with the same ``value``
-    (read-only)."""
-    key = (make.__name__, orjson.dumps(value))
-    out = _MADE.get(key)
-    if out is None:
-        if len(_MADE) >= END_CACHE:
-            _MADE.clear()
-        out = _MADE[key] = drop_empty(make(value))
-    return out
-
-
 def _process(proc: dict[str, Any]) -> dict[str, Any]:
     exe = proc.get("exe")
-    return {"pid": proc["pid"], "name": proc.get("comm"), "cmd_line": " ".join(proc.get("args") or [])
-            or None, "file": {"path": exe, "name": exe.rsplit("/", 1)[-1]} if exe else None,
-            "user": {"uid": str(proc["uid"]) if proc.get("uid") is not None else None,
-                     "name": proc.get("user_name")},
-            "parent_process": {"pid": proc.get("ppid"), "name": proc.get("parent_name")}
-            if proc.get("ppid") is not None else None,
-            "created_time": proc.get("start_time_ms")}
+    return drop_empty({
+        "pid": proc["pid"], "name": proc.get("comm"),
+        "cmd_line": " ".join(proc.get("args") or []) or None,
+        "file": {"path": exe, "name": exe.rsplit("/", 1)[-1]} if exe else None,
+        "user": {"uid": str(proc["uid"]) if proc.get("uid") is not None else None,
+                 "name": proc.get("user_name")},
+        "parent_process": {"pid": proc.get("ppid"), "name": proc.get("parent_name")}
+        if proc.get("ppid") is not None else None,
+        "created_time": proc.get("start_time_ms")})
 
 
 def _container(ref: dict[str, Any]) -> dict[str, Any]:
-    return {"uid": ref["id"], "name": ref.get("name"), "image": {"name": ref.get("image")}
+    return drop_empty({"uid": ref["id"], "name": ref.get("name"), "image": {"name": ref.get("image")}
             if ref.get("image") else None, "runtime": ref.get("runtime"),
             "labels": [f"{k}={v}" for k, v in sorted((ref.get("labels") or {}).items())] or None,
             "orchestrator": "kubernetes" if ref.get("pod_name") else None,
-            "pod_uuid": ref.get("pod_uid")}
+            "pod_uuid": ref.get("pod_uid")})
 
 
 def _endpoint(end: dict[str, Any], host: str) -> dict[str, Any]:
@@ -66,7 +50,7 @@ def _endpoint(end: dict[str, Any], host: str) -> dict[str, Any]:
     if end["local"]:
         out["hostname"] = host
     if end["container"]:
-        out["container"] = _made(_container, end["container"])
+        out["container"] = shared(_container, end["container"])
     return out
 
 
@@ -123,7 +107,7 @@ def event(flow: dict[str, Any], common: dict[str, Any], side: str) -> dict[str, 
                               "direction": "Outbound" if outbound else "Inbound",
                               "direction_id": 2 if outbound else 1}
     if me["process"]:
-        doc["actor"] = {"process": _made(_process, me["process"])}
+        doc["actor"] = {"process": shared(_process, me["process"])}
     device = {"hostname": flow["host_name"], "type_id": 0, "type": "Unknown"}
     container = common["src_endpoint" if outbound else "dst_endpoint"].get("container")
     if container:
