@@ -536,7 +536,7 @@ def _keep(netns: int, pid: int | None, dump: _Dump, data: bytes, offset: int,
     flags = (_HAS_CGROUP if cgroup_id is not None else 0) | (_HAS_TCP if tcp_info is not None
                                                              else 0)
     row = (netns, -1 if pid is None else pid, dump.kind, flags, bytes(diag), cgroup_id or 0,
-           (congestion or "").encode()[:16].ljust(16, b"\0"),
+           (congestion or "").encode(),
            *(_NO_TCP if tcp_info is None else tcp_info))
     return row, process, container_id
 
