@@ -65,7 +65,7 @@ class Published:
             return [v for t, k, v in self.items if t == topic and key in (None, k)]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, every: float = 0.2) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()

@@ -50,18 +50,21 @@ def test_host_and_new_namespace(iproute: None) -> None:
 
 def test_namespace_with_a_reused_inode(iproute: None) -> None:
     """The kernel hands a freed namespace's inode to a later namespace: a scan must not take
-    that inode as already known (the sensor once gave such namespaces no inode at all)."""
+    that inode as already known (the sensor once gave such namespaces no inode at all).
+
+    Namespaces are made one after the other, each deleted before the next, until one gets the
+    inode of the one before it, which the previous scan saw (proc inodes go lowest free first).
+    A batch deleted together may keep its inodes for a long while: over 30 s seen here."""
     cookies = NetnsCookies()
-    with contextlib.ExitStack() as first:
-        old = dict(first.enter_context(named_netns()) for _ in range(8))  # inode -> cookie
-        assert all(cookies.inode(cookie) == inode for inode, cookie in old.items())
-    with contextlib.ExitStack() as kept:  # proc inodes go lowest free first, and not only to
-        deadline = time.monotonic() + 30  # namespaces: keep making them until one is reused
-        while True:
-            inode, cookie = kept.enter_context(named_netns())
-            if inode in old:
-                break
-            assert time.monotonic() < deadline, "the kernel reused no namespace inode"
-        assert cookie != old[inode]
-        assert cookies.inode(cookie) == inode
-    assert all(cookies.inode(cookie) == inode for inode, cookie in old.items())
+    previous: tuple[int, int] | None = None  # inode, cookie
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline, "the kernel reused no namespace inode"
+        with named_netns() as (inode, cookie):
+            assert cookies.inode(cookie) == inode
+        if previous is not None and previous[0] == inode:
+            break
+        previous = inode, cookie
+        time.sleep(0.2)  # the kernel frees a namespace's inode a moment after it is deleted
+    assert cookie != previous[1]
+    assert cookies.inode(previous[1]) == inode  # remembered after the namespace is gone

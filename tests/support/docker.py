@@ -192,18 +192,37 @@ def docker_network(docker_client: docker.DockerClient) -> Iterator[Network]:
     """A user-defined bridge network, removed after the test."""
     network = docker_client.networks.create(unique_name("pl-net"), driver="bridge")
     yield network
-    deadline = time.monotonic() + 60
-    while True:  # containers started with auto_remove may still be leaving it
-        network.reload()
-        for container in network.containers:
-            with contextlib.suppress(docker.errors.NotFound):
-                network.disconnect(container, force=True)
+    remove_network(docker_client, network)
+
+
+def remove_network(client: docker.DockerClient, network: Network, timeout_s: float = 120) -> None:
+    """Remove ``network`` with whatever is still on it: containers of the test (removed by
+    force) and endpoints whose container is gone or half gone (containers started with
+    auto_remove may be leaving it; the engine keeps such an endpoint until it is deleted by
+    name with force)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = client.containers.list(all=True, filters={"network": network.id})
+        for container in left:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                container.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            network.reload()
+        for endpoint in (network.attrs.get("Containers") or {}).values():
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                client.api.disconnect_container_from_network(endpoint["Name"], network.id,
+                                                             force=True)
         try:
             network.remove()
             return
-        except docker.errors.APIError:
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as error:
             if time.monotonic() > deadline:
-                raise
+                states = {container.name: container.status for container in left}
+                raise RuntimeError(f"network {network.name} still in use after {timeout_s} s: "
+                                   f"containers {states}, endpoints "
+                                   f"{network.attrs.get('Containers')}") from error
             time.sleep(1)
 
 
