@@ -17,7 +17,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,9 @@ _TCP_INFO = struct.Struct("=" + "".join(
     fmt if name else f"{struct.calcsize('=' + fmt)}x" for name, fmt in _TCP_LAYOUT))
 _TCP_NAMES = tuple(name for name, _ in _TCP_LAYOUT if name)
 _DIAG_HEAD = struct.Struct("=xB42xQ4xIIII")  # state, cookie, rqueue, wqueue, uid, inode
-# inet_diag_msg from its id: ports (network byte order), addresses, interface
-_SOCKID = {socket.AF_INET: "HH4s12x4s12xI", socket.AF_INET6: "HH16s16sI"}
+# inet_diag_msg from its id: ports (network byte order: 2 bytes each, most significant first;
+# socket.ntohs parses its argument at each call), addresses, interface
+_SOCKID = {socket.AF_INET: "4B4s12x4s12xI", socket.AF_INET6: "4B16s16sI"}
 LAYOUTS_REMEMBERED = 64
 ADDRESSES_REMEMBERED = 65536
 
@@ -119,6 +120,9 @@ def _counters_struct(names: tuple[str, ...]) -> struct.Struct:
 
 # the counters a snapshot compares, read without the rest of tcp_info
 _COUNTERS = _counters_struct(("segs_in", "segs_out", "retransmits"))
+# (offset, size) in tcp_info of each _TCP_NAMES member, in that order
+_TCP_MEMBER_SPANS = tuple((_member_offsets()[name], struct.calcsize("=" + fmt))
+                          for name, fmt in _TCP_LAYOUT if name)
 
 
 @dataclass
@@ -163,6 +167,8 @@ class _Layout:
     tcp_info: slice | None  # where the _TCP_NAMES members lie in what ``values`` reads
     congestion: int | None  # the index of the congestion name's bytes (NUL-padded)
     cgroup_id: int | None
+    flags: int  # of its _ROW (_HAS_CGROUP, _HAS_TCP)
+    row: _RowSource = field(compare=False)
 
 
 # A socket of a dump as a snapshot keeps it: its head (see DiagMessage), data, offset, end and
@@ -317,8 +323,9 @@ def _layout(data: bytes, offset: int, end: int, family: int, attrs: list[tuple[i
     shape = [(0, "IH2xI")]  # nlmsg_len, nlmsg_type, nlmsg_seq
     compare = [(_NLMSGHDR.size, _DIAG_HEAD.format[1:])]
     values = [(_NLMSGHDR.size + 4, _SOCKID[family])]
-    count = 5  # values read: the _SOCKID fields
+    count = 7  # values read: the _SOCKID fields
     tcp_info = congestion = cgroup_id = None
+    tcp_at = congestion_at = cgroup_at = None  # payload positions, for the _ROW
     for kind, at, attr_len in attrs:
         shape.append((at - offset, "HH"))
         payload, size = at - offset + _RTATTR.size, attr_len - _RTATTR.size
@@ -327,16 +334,57 @@ def _layout(data: bytes, offset: int, end: int, family: int, attrs: list[tuple[i
                 return None
             compare.append((payload, _COUNTERS.format[1:]))
             values.append((payload, _TCP_INFO.format[1:]))
-            tcp_info = slice(count, count + len(_TCP_NAMES))
+            tcp_info, tcp_at = slice(count, count + len(_TCP_NAMES)), payload
             count += len(_TCP_NAMES)
         elif kind == INET_DIAG_CONG:
             values.append((payload, f"{size}s"))
-            congestion, count = count, count + 1
+            congestion, count, congestion_at = count, count + 1, (payload, size)
         elif kind == INET_DIAG_CGROUP_ID and size >= _U64.size:
             values.append((payload, "Q"))
-            cgroup_id, count = count, count + 1
+            cgroup_id, count, cgroup_at = count, count + 1, payload
     return _Layout(expected[0], expected, _struct_at(shape), _struct_at(compare),
-                   _struct_at(values), tcp_info, congestion, cgroup_id)
+                   _struct_at(values), tcp_info, congestion, cgroup_id,
+                   (_HAS_CGROUP if cgroup_at is not None else 0)
+                   | (_HAS_TCP if tcp_at is not None else 0),
+                   _RowSource.of(tcp_at, congestion_at, cgroup_at))
+
+
+@dataclass(frozen=True)
+class _RowSource:
+    """Where the bytes of the _ROW of a message of a layout lie in the message (from its
+    nlmsghdr), as (row position, message position, size) spans, and byte by byte; the other
+    bytes of the row are zero, or the netns, pid, kind and flags that _KeptSockets sets."""
+
+    spans: tuple[tuple[int, int, int], ...]
+    row_at: np.ndarray
+    message_at: np.ndarray
+
+    @classmethod
+    def of(cls, tcp_info: int | None, congestion: tuple[int, int] | None,
+           cgroup_id: int | None) -> _RowSource:
+        """``tcp_info``, ``cgroup_id``: where their payloads lie; ``congestion``: where its
+        payload lies, and its size (the row cuts or NUL-pads it)."""
+        spans = [(_ROW_DIAG, _NLMSGHDR.size, _INET_DIAG_MSG.size)]
+        if cgroup_id is not None:
+            spans.append((_ROW_CGROUP, cgroup_id, _U64.size))
+        if congestion is not None:
+            spans.append((_ROW_CONGESTION, congestion[0],
+                          min(congestion[1], _ROW_CONGESTION_SIZE)))
+        if tcp_info is not None:
+            row_at = _ROW_TCP
+            for offset, size in _TCP_MEMBER_SPANS:
+                spans.append((row_at, tcp_info + offset, size))
+                row_at += size
+        merged: list[tuple[int, int, int]] = []
+        for row_at, at, size in spans:  # spans that follow each other in both become one
+            if merged and merged[-1][0] + merged[-1][2] == row_at \
+                    and merged[-1][1] + merged[-1][2] == at:
+                merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + size)
+            else:
+                merged.append((row_at, at, size))
+        return cls(tuple(merged),
+                   np.concatenate([np.arange(r, r + size) for r, _, size in merged]),
+                   np.concatenate([np.arange(at, at + size) for _, at, size in merged]))
 
 
 def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -384,8 +432,10 @@ def _fields(family: int, data: bytes, offset: int, end: int,
         walked = _walk(family, data, offset, end)
         return tuple(getattr(walked, name) for name in DiagDetails.__slots__)
     values = layout.values.unpack_from(data, offset)
-    return (socket.ntohs(values[0]), socket.ntohs(values[1]), _address(family, values[2]),
-            _address(family, values[3]), values[4],
+    sport_high, sport_low, dport_high, dport_low, src, dst, ifindex = values[:7]
+    return (sport_high << 8 | sport_low, dport_high << 8 | dport_low,
+            _ADDRESSES.get(src) or _address(family, src),
+            _ADDRESSES.get(dst) or _address(family, dst), ifindex,
             values[layout.tcp_info] if layout.tcp_info is not None else None,
             _congestion(values[layout.congestion]) if layout.congestion is not None else None,
             values[layout.cgroup_id] if layout.cgroup_id is not None else None)
@@ -423,13 +473,55 @@ def _walk(family: int, data: bytes, offset: int, end: int) -> DiagDetails:
 _PACING_UNLIMITED = U64_MAX >> 1  # pacing rates from here up are the kernel's "unlimited"
 
 
+# The records a snapshot publishes are the ``vars`` of instances of these classes: CPython
+# keeps the attributes an ``__init__`` sets in one array, with a key table shared by all
+# instances, and makes them a dict without copying; that takes half the time of any other way of
+# making a dict of 20 fields (a dict display, ``dict(zip())``, a copy), about 1.2 us each.
+_TcpRecord = make_dataclass("_TcpRecord", [*_TCP_NAMES, "congestion"])
+
+
+@dataclass
+class _SocketRecord:
+    """A SocketSnapshot record (its ``vars``)."""
+
+    cookie: int
+    transport: str
+    family: str
+    state: str
+    local_ip: str
+    local_port: int
+    remote_ip: str
+    remote_port: int
+    bound_ifindex: int | None
+    uid: int
+    inode: int
+    rqueue: int
+    wqueue: int
+    cgroup_id: int | None
+    pid: int | None
+    process: dict[str, Any] | None
+    container_id: str | None
+    tcp: dict[str, Any] | None
+
+
+@dataclass
+class _Event:
+    """A NetlinkEvent record (its ``vars``)."""
+
+    kind: str
+    timestamp_ms: int
+    host_name: str
+    netns_inode: int
+    socket: dict[str, Any] | None
+    interface: dict[str, Any] | None
+
+
 def _tcp_record(info: tuple[int, ...], congestion: str | None) -> dict[str, Any]:
     """The SocketTcpInfo record of an unpacked ``_TCP_INFO`` (fields in ``_TCP_NAMES`` order)."""
-    record = dict(zip(_TCP_NAMES, info, strict=True))
+    record = vars(_TcpRecord(*info, congestion))
     if record["pacing_rate"] >= _PACING_UNLIMITED:
         record["pacing_rate"] = None
     record["delivery_rate"] = record["delivery_rate"] or None
-    record["congestion"] = congestion
     return record
 
 
@@ -513,6 +605,13 @@ _ROW = struct.Struct("=IiBB72sQ16s" + "".join(fmt for name, fmt in _TCP_LAYOUT i
 _ROW_FIELDS = 7
 _ROW_NETNS = struct.Struct("=I")  # the first field of a row
 _ROW_INODE = struct.Struct(f"={_ROW_NETNS.size + 6 + _INET_DIAG_MSG.size - 4}xI")  # diag's last
+# where a row's fields lie: netns and pid (_ROW_HEAD), kind, flags, diag, cgroup id, congestion,
+# then the tcp_info members
+_ROW_HEAD = np.dtype([("netns", "=u4"), ("pid", "=i4")])
+_ROW_KIND, _ROW_FLAGS, _ROW_DIAG = 8, 9, 10
+_ROW_CGROUP = _ROW_DIAG + _INET_DIAG_MSG.size
+_ROW_CONGESTION, _ROW_CONGESTION_SIZE = _ROW_CGROUP + _U64.size, 16
+_ROW_TCP = _ROW_CONGESTION + _ROW_CONGESTION_SIZE
 _NO_TCP = (0,) * len(_TCP_NAMES)
 _HAS_CGROUP = 1
 _HAS_TCP = 2
@@ -522,23 +621,21 @@ SLOTS_ADDED = 1024  # slots for kept sockets added at once (mapped apart: no cop
 
 
 def _signature(head: tuple[int, ...], pid: int | None) -> int:
-    """What tells that a socket changed: its head (see DiagMessage) and owner."""
-    return hash((head, pid))
+    """What tells that a socket changed: its head (see DiagMessage) and owner (unsigned: see
+    _Copies)."""
+    return hash((head, pid)) & U64_MAX
 
 
-def _keep(netns: int, pid: int | None, dump: _Dump, data: bytes, offset: int,
-          fields: tuple[Any, ...], process: dict[str, Any] | None,
-          container_id: str | None) -> Kept:
-    """What is kept of the message ``data[offset:]`` (the fields of its _ROW); ``fields``: its
-    _fields."""
-    tcp_info, congestion, cgroup_id = fields[5:]
+def _row(netns: int, pid: int | None, dump: _Dump, message: Message) -> tuple[Any, ...]:
+    """The fields of the _ROW of a message, from a walk of its attributes (_KeptSockets.copy
+    takes a whole row at once from a message with a layout)."""
+    _head, data, offset, end, _index = message
+    tcp_info, congestion, cgroup_id = _fields(dump.family, data, offset, end, None)[5:]
     diag = data[offset + _NLMSGHDR.size:offset + _NLMSGHDR.size + _INET_DIAG_MSG.size]
     flags = (_HAS_CGROUP if cgroup_id is not None else 0) | (_HAS_TCP if tcp_info is not None
                                                              else 0)
-    row = (netns, -1 if pid is None else pid, dump.kind, flags, bytes(diag), cgroup_id or 0,
-           (congestion or "").encode(),
-           *(_NO_TCP if tcp_info is None else tcp_info))
-    return row, process, container_id
+    return (netns, -1 if pid is None else pid, dump.kind, flags, bytes(diag), cgroup_id or 0,
+            (congestion or "").encode(), *(_NO_TCP if tcp_info is None else tcp_info))
 
 
 def _kept_record(kept: Kept) -> tuple[int, dict[str, Any]]:
@@ -566,27 +663,25 @@ def _record(transport: str, family_name: str, head: tuple[int, ...], fields: tup
         state_name = "ESTABLISHED" if sock_state == 1 else "CLOSE"
     else:
         state_name = TCP_STATES[sock_state] if sock_state < len(TCP_STATES) else "UNKNOWN"
-    return {
-        "cookie": cookie,
-        "transport": transport,
-        "family": family_name,
-        "state": state_name,
-        "local_ip": src,
-        "local_port": sport,
-        "remote_ip": dst,
-        "remote_port": dport,
-        "bound_ifindex": ifindex or None,
-        "uid": uid,
-        "inode": inode,
-        "rqueue": rqueue,
-        "wqueue": wqueue,
-        "cgroup_id": cgroup_id,
-        "pid": pid,
-        "process": process,
-        "container_id": container_id,
-        "tcp": _tcp_record(tcp_info, congestion)
-        if tcp_info is not None and transport == "tcp" else None,
-    }
+    return vars(_SocketRecord(
+        cookie, transport, family_name, state_name, src, sport, dst, dport, ifindex or None, uid,
+        inode, rqueue, wqueue, cgroup_id, pid, process, container_id,
+        _tcp_record(tcp_info, congestion) if tcp_info is not None and transport == "tcp"
+        else None))
+
+
+@dataclass
+class _Copies:
+    """Rows to copy from messages of one buffer and layout (see _KeptSockets.copy)."""
+
+    data: bytes | bytearray
+    layout: _Layout
+    kind: int  # the DUMPS index of the layout's dump
+    netns: int
+    slots: array[int] = field(default_factory=lambda: array("I"))
+    # unsigned arrays: an array of signed integers parses each value appended as a format does
+    offsets: array[int] = field(default_factory=lambda: array("Q"))  # of their nlmsghdrs
+    pids: array[int] = field(default_factory=lambda: array("I"))  # 0: none
 
 
 class _KeptSockets:
@@ -600,11 +695,15 @@ class _KeptSockets:
     ``containers``. The cookies of the kept sockets are a sorted array beside their slots,
     looked up a batch at a time (``find``). A snapshot marks the slots it saw (``seen``), and
     ``end`` frees those of the sockets gone and adds the new ones to the index.
+
+    The row of a message with a layout is copied from it with those of the messages stored
+    after it (``copy``): one numpy gather of the bytes of a batch of rows costs a fraction of
+    unpacking and packing each.
     """
 
     def __init__(self) -> None:
         self.rows = bytearray()
-        self.signatures = array("q")
+        self.signatures = array("Q")
         self.processes: list[dict[str, Any] | None] = []
         self.containers: list[str | None] = []
         self.seen = bytearray()
@@ -613,6 +712,10 @@ class _KeptSockets:
         self._slots = np.zeros(0, np.uint32)
         self._added_cookies = array("Q")
         self._added_slots = array("I")
+        # (buffer id, layout id, netns) -> its rows to copy; the last one used
+        self._copies: dict[tuple[int, int, int], _Copies] = {}
+        self._last: _Copies | None = None
+        self._copying = 0  # rows in _copies
 
     def __len__(self) -> int:
         return len(self._cookies)
@@ -630,18 +733,72 @@ class _KeptSockets:
         return np.where(self._cookies[at] == wanted, self._slots[at].astype(np.int64),
                         -1).tolist()
 
-    def store(self, cookie: int, slot: int, signature: int, kept: Kept) -> None:
-        """Keep ``kept`` for ``cookie`` in ``slot`` (-1: a new socket, given a free slot)."""
+    def store(self, cookie: int, slot: int, signature: int, process: dict[str, Any] | None,
+              container_id: str | None) -> int:
+        """Keep ``cookie`` in ``slot`` (-1: a new socket, given a free slot), which is returned;
+        its row is to be given next (``write`` or ``copy``)."""
         if slot < 0:
             if not self._free:
                 self._grow()
             slot = self._free.pop()
             self._added_cookies.append(cookie)
             self._added_slots.append(slot)
-        row, self.processes[slot], self.containers[slot] = kept
-        _ROW.pack_into(self.rows, slot * _ROW.size, *row)
+        self.processes[slot], self.containers[slot] = process, container_id
         self.signatures[slot] = signature
         self.seen[slot] = 1
+        return slot
+
+    def write(self, slot: int, row: tuple[Any, ...]) -> None:
+        """The row of ``slot`` from its fields."""
+        self.flush()
+        _ROW.pack_into(self.rows, slot * _ROW.size, *row)
+
+    def copy(self, slot: int, netns: int, pid: int | None, kind: int, data: bytes | bytearray,
+             offset: int, layout: _Layout) -> None:
+        """The row of ``slot`` from the message ``data[offset:]`` of ``layout``, of the dump
+        ``kind``, owned by ``pid``; copied at the latest when one of the rows is read or
+        LOOKUP_BATCH rows wait (``flush``)."""
+        copies = self._last
+        if copies is None or copies.data is not data or copies.layout is not layout \
+                or copies.netns != netns:
+            key = (id(data), id(layout), netns)
+            copies = self._copies.get(key)
+            if copies is None:
+                copies = self._copies[key] = _Copies(data, layout, kind, netns)
+            self._last = copies
+        copies.slots.append(slot)
+        copies.offsets.append(offset)
+        copies.pids.append(pid or 0)
+        self._copying += 1
+        if self._copying >= LOOKUP_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Copy the rows that wait (see ``copy``)."""
+        if not self._copies:
+            return
+        rows = np.frombuffer(self.rows, np.uint8).reshape(-1, _ROW.size)
+        for copies in self._copies.values():
+            layout, count = copies.layout, len(copies.slots)
+            data = np.frombuffer(copies.data, np.uint8)
+            offsets = np.frombuffer(copies.offsets, np.int64)
+            block = np.zeros((count, _ROW.size), np.uint8)
+            stride = (layout.length + 3) & ~3
+            if (np.diff(offsets) == stride).all():  # one after the other
+                messages = np.lib.stride_tricks.as_strided(
+                    data[offsets[0]:], (count, layout.length), (stride, 1), writeable=False)
+                for row_at, at, size in layout.row.spans:
+                    block[:, row_at:row_at + size] = messages[:, at:at + size]
+            else:
+                block[:, layout.row.row_at] = data[offsets[:, None] + layout.row.message_at]
+            head = np.empty(count, _ROW_HEAD)
+            pids = np.frombuffer(copies.pids, np.int32)
+            head["netns"], head["pid"] = copies.netns, np.where(pids == 0, -1, pids)
+            block[:, :_ROW_HEAD.itemsize] = head.view(np.uint8).reshape(-1, _ROW_HEAD.itemsize)
+            block[:, _ROW_KIND], block[:, _ROW_FLAGS] = copies.kind, layout.flags
+            rows[np.frombuffer(copies.slots, np.uint32)] = block
+        del rows  # the buffer of ``self.rows`` is released: it may grow again
+        self._copies, self._last, self._copying = {}, None, 0
 
     def _grow(self) -> None:
         """SLOTS_ADDED more free slots (the lowest given first)."""
@@ -660,17 +817,21 @@ class _KeptSockets:
                         strict=True))
 
     def netns(self, slot: int) -> int:
+        self.flush()
         return _ROW_NETNS.unpack_from(self.rows, slot * _ROW.size)[0]
 
     def inode(self, slot: int) -> int:
+        self.flush()
         return _ROW_INODE.unpack_from(self.rows, slot * _ROW.size)[0]
 
     def kept(self, slot: int) -> Kept:
+        self.flush()
         return (_ROW.unpack_from(self.rows, slot * _ROW.size), self.processes[slot],
                 self.containers[slot])
 
     def end(self, gone: list[int]) -> None:
         """The snapshot is over: the ``gone`` slots are freed, the new sockets indexed."""
+        self.flush()
         for slot in gone:
             self.processes[slot] = self.containers[slot] = None
         self._free.extend(gone)
@@ -820,8 +981,15 @@ class NetlinkSensor:
                 and (self._count + cookie) % state.every:
             kept.seen[slot] = 1
             return None
-        record, row = self._socket_record(dump, message, namespace, state, pid)
-        kept.store(cookie, slot, signature, row)
+        record, process, container_id = self._socket_record(dump, message, namespace, state,
+                                                            pid)
+        slot = kept.store(cookie, slot, signature, process, container_id)
+        index = message[4]
+        if index >= 0:
+            kept.copy(slot, namespace.inode, pid, dump.kind, message[1], message[2],
+                      dump.layouts[index])
+        else:
+            kept.write(slot, _row(namespace.inode, pid, dump, message))
         return f"{self.options.host_name}:{cookie}", self._event(
             "SOCKET", state.now_ms, namespace.inode, record, None)
 
@@ -836,8 +1004,7 @@ class NetlinkSensor:
 
     def _event(self, kind: str, now_ms: int, inode: int, sock: dict[str, Any] | None,
                interface: dict[str, Any] | None) -> dict[str, Any]:
-        return {"kind": kind, "timestamp_ms": now_ms, "host_name": self.options.host_name,
-                "netns_inode": inode, "socket": sock, "interface": interface}
+        return vars(_Event(kind, now_ms, self.options.host_name, inode, sock, interface))
 
     def _open(self, namespace: Namespace, protocol: int) -> int:
         if namespace.host:
@@ -858,8 +1025,9 @@ class NetlinkSensor:
                     yield dump, message
 
     def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
-                       state: _Snapshot, pid: int | None) -> tuple[dict[str, Any], Kept]:
-        """The SocketSnapshot record of a message, and what is kept of it (see _ROW)."""
+                       state: _Snapshot, pid: int | None
+                       ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+        """The SocketSnapshot record of a message, its process and container id."""
         head, data, offset, end, index = message
         fields = _fields(dump.family, data, offset, end, dump.layouts[index] if index >= 0
                          else None)
@@ -874,10 +1042,8 @@ class NetlinkSensor:
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
-        kept = _keep(namespace.inode, pid, dump, data, offset, fields, process,
-                     container_id)
         return _record(dump.transport, dump.family_name, head, fields, pid, process,
-                       container_id), kept
+                       container_id), process, container_id
 
     def _container(self, cgroup_id: int, state: _Snapshot) -> ContainerRef | None:
         if cgroup_id not in state.containers:

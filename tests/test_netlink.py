@@ -626,6 +626,56 @@ def test_a_layout_is_used_only_where_it_fits() -> None:
     assert netlink.details(found[1]).tcp_info != netlink.details(found[0]).tcp_info
 
 
+def test_rows_copied_through_layouts_equal_rows_packed_from_walks() -> None:
+    """The kept rows a snapshot copies from messages of a layout, a batch at a time (messages
+    one after the other, or apart, among others), equal those packed from a walk of each
+    message; a congestion name longer than the row's field is cut alike."""
+    def attr(kind: int, payload: bytes) -> bytes:
+        return (struct.pack("=HH", 4 + len(payload), kind) + payload).ljust(
+            (4 + len(payload) + 3) & ~3, b"\0")
+
+    def message(cookie: int, *attrs: bytes) -> bytes:
+        body = netlink._INET_DIAG_MSG.pack(
+            2, 1, 0, 0, 0x5000 + cookie, 0x9000, b"\x7f\0\0\1".ljust(16, b"\0"),
+            b"\x7f\0\0\2".ljust(16, b"\0"), 3, cookie, 0, 1, 2, 0, 100 + cookie)
+        body += b"".join(attrs)
+        return netlink._NLMSGHDR.pack(16 + len(body), netlink.SOCK_DIAG_BY_FAMILY, 2, 1,
+                                      0) + body
+
+    def info(cookie: int) -> bytes:
+        return attr(netlink.INET_DIAG_INFO,
+                    bytes((cookie + i) % 256 for i in range(netlink._TCP_INFO.size)))
+
+    def cgroup(cookie: int) -> bytes:
+        return attr(netlink.INET_DIAG_CGROUP_ID, struct.pack("=Q", 1000 + cookie))
+
+    cong = attr(netlink.INET_DIAG_CONG, b"cubic\0")
+    long_cong = attr(netlink.INET_DIAG_CONG, b"a-congestion-name-of-24\0")
+    a = [message(c, cgroup(c), cong, info(c)) for c in range(1, 7)]
+    b = [message(c, cong, cgroup(c), info(c)) for c in range(11, 14)]
+    c = [message(c, long_cong, info(c)) for c in range(21, 23)]
+    found = _replay([a[0] + a[1] + b[0] + a[2] + b[1] + b[2] + a[3],  # a apart, b apart
+                     c[0] + c[1] + a[4] + a[5]])  # one after the other
+    assert len(found) == 11 and all(m.layout is not None for m in found)
+    assert len({id(m.layout) for m in found}) == 3
+    dump = netlink._Dump(1, "tcp", "ipv4", socket.AF_INET, [])
+    copied, written = netlink._KeptSockets(), netlink._KeptSockets()
+    copied.begin()
+    written.begin()
+    for pid, m in enumerate(found):
+        message_ = (m.head, m.data, m.offset, m.end, -1)
+        copied.copy(copied.store(m.cookie, -1, 0, None, None), 7, pid or None, dump.kind,
+                    m.data, m.offset, m.layout)
+        written.write(written.store(m.cookie, -1, 0, None, None),
+                      netlink._row(7, pid or None, dump, message_))
+    copied.end([])
+    assert copied.rows == written.rows
+    kept = [netlink._kept_record(copied.kept(slot)) for slot in range(len(found))]
+    assert [record["cookie"] for _, record in kept] == [m.cookie for m in found]
+    assert {record["tcp"]["congestion"] for _, record in kept} == {"cubic", "a-congestion-nam"}
+    assert kept[1][1]["pid"] == 1 and kept[0][1]["pid"] is None and kept[0][0] == 7
+
+
 def test_records_from_layouts_equal_records_from_walks() -> None:
     """The records a snapshot builds through layouts equal those built by walking every
     message (a _Dump that names no layout), and those rebuilt from what is kept of them."""
@@ -637,15 +687,29 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
         state = netlink._Snapshot(0, 1, sensor._owners.read())
         found = list(sensor._messages(namespace))
     compared, kinds = 0, set()
+    copied, written = netlink._KeptSockets(), netlink._KeptSockets()
+    copied.begin()
+    written.begin()
     for dump, message in found:
         walked = netlink._Dump(dump.kind, dump.transport, dump.family_name, dump.family, [])
         pid = state.owners.get(message[0][5])
-        record, kept = sensor._socket_record(dump, message, namespace, state, pid)
+        record, process, container_id = sensor._socket_record(dump, message, namespace,
+                                                              state, pid)
         assert record == sensor._socket_record(walked, (*message[:4], -1), namespace, state,
                                                pid)[0]
-        # what is kept for the socket's SOCKET_CLOSED gives the same record again
-        assert len(netlink._ROW.pack(*kept[0])) == netlink._ROW.size
-        assert netlink._kept_record(kept) == (namespace.inode, record)
+        # what is kept for the socket's SOCKET_CLOSED gives the same record again, whether its
+        # row is copied through its layout (with the rows of the messages after it) or packed
+        # from a walk
+        cookie = message[0][1]
+        slot = copied.store(cookie, -1, 0, process, container_id)
+        if message[4] >= 0:
+            copied.copy(slot, namespace.inode, pid, dump.kind, message[1], message[2],
+                        dump.layouts[message[4]])
+        else:
+            copied.write(slot, netlink._row(namespace.inode, pid, dump, message))
+        written.write(written.store(cookie, -1, 0, process, container_id),
+                      netlink._row(namespace.inode, pid, walked, (*message[:4], -1)))
+        assert netlink._kept_record(written.kept(slot)) == (namespace.inode, record)
         compared += message[4] >= 0
         kinds.add((record["transport"], record["family"], record["tcp"] is not None,
                    record["pid"] is not None))
@@ -659,7 +723,8 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
         pid = state.owners.get(message[0][5])
         assert sensor._socket_record(dump, copy, namespace, state, pid)[0] == \
             sensor._socket_record(dump, message, namespace, state, pid)[0]
-    assert compared >= 20
+    copied.flush()
+    assert compared >= 20 and copied.rows == written.rows
     assert {("tcp", "ipv4", True, True), ("tcp", "ipv6", True, True),
             ("udp", "ipv4", False, True)} <= kinds
 
@@ -670,27 +735,32 @@ def test_kept_sockets_slots_and_index() -> None:
     kept = netlink._KeptSockets()
     rows = [netlink._ROW.unpack(bytes([i]) * netlink._ROW.size) for i in range(4)]
     process = {"pid": 1}
+
+    def store(cookie: int, slot: int, signature: int, row: tuple[Any, ...],
+              process: dict[str, Any] | None, container_id: str | None) -> None:
+        kept.write(kept.store(cookie, slot, signature, process, container_id), row)
+
     kept.begin()
     for cookie, row in zip((30, 10, 20), rows, strict=False):
-        kept.store(cookie, -1, cookie * 7, (row, process, f"c{cookie}"))
+        store(cookie, -1, cookie * 7, row, process, f"c{cookie}")
     kept.end([])
     assert len(kept) == 3 and kept.find([10, 20, 30, 15, 40, 0]) == [1, 2, 0, -1, -1, -1]
     assert kept.kept(1) == (rows[1], process, "c10") and kept.signatures[2] == 140
     kept.begin()
     kept.seen[1] = 1
     assert kept.unseen() == [(20, 2), (30, 0)]
-    kept.store(20, 2, 1, (rows[3], None, None))  # changed: same slot, new values
+    store(20, 2, 1, rows[3], None, None)  # changed: same slot, new values
     assert kept.unseen() == [(30, 0)] and kept.kept(2) == (rows[3], None, None)
     kept.end([0])
     assert kept.find([30, 10, 20]) == [-1, 1, 2] and kept.processes[0] is None
     kept.begin()
-    kept.store(50, -1, 5, (rows[0], None, None))  # takes the slot 30 left
-    kept.store(50, -1, 5, (rows[0], None, None))  # the same cookie again: a new slot
+    store(50, -1, 5, rows[0], None, None)  # takes the slot 30 left
+    store(50, -1, 5, rows[0], None, None)  # the same cookie again: a new slot
     kept.end([])
     assert len(kept) == 3 and kept.find([50]) == [3]
     assert len(kept.signatures) == len(kept.processes) == netlink.SLOTS_ADDED  # grown at once
     kept.begin()
-    kept.store(60, -1, 6, (rows[0], None, None))  # the slot freed by the duplicate
+    store(60, -1, 6, rows[0], None, None)  # the slot freed by the duplicate
     kept.end([])
     assert kept.find([10, 20, 50, 60]) == [1, 2, 3, 0]
 

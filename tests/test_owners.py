@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from sensor.owners import SocketOwners
+from sensor.owners import SocketOwners, _read_dense
 
 
 class FakeProc:
@@ -89,3 +92,42 @@ def test_owner_of_a_real_socket() -> None:
         assert owners.read()[inode] == os.getpid()
         assert owners.read()[inode] == os.getpid()
     assert inode not in SocketOwners().read()
+
+
+def test_a_first_read_without_a_listing_finds_what_a_listing_finds() -> None:
+    """A process whose descriptors are 0 to n - 1 is read without listing its descriptors (the
+    kernel gives their count); one with a gap is read through a listing; both give every
+    socket its owner, and a later read takes them whole from the first."""
+    script = ("import os, socket, sys; s = [socket.socket() for _ in range(6)]; "
+              "os.close(s[int(sys.argv[1])].detach()); sys.stdin.read()")
+    children = [subprocess.Popen([sys.executable, "-c", script, gap], stdin=subprocess.PIPE)
+                for gap in ("5", "0")]  # the last socket closed: dense; the first: a gap
+    try:
+        deadline = time.monotonic() + 30
+        while any(len(os.listdir(f"/proc/{c.pid}/fd")) != 8 for c in children):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        wholes, sockets = [], {}
+        for child in children:
+            directory = os.open(f"/proc/{child.pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                wholes.append(_read_dense(directory)[2])
+                for fd in os.listdir(directory):
+                    target = os.readlink(fd, dir_fd=directory)
+                    if target.startswith("socket:["):
+                        sockets[int(target[8:-1])] = child.pid
+            finally:
+                os.close(directory)
+        assert wholes == [True, False] and len(sockets) == 10
+        owners = SocketOwners()
+        found = owners.read()
+        assert {inode: found.get(inode) for inode in sockets} == sockets
+        # what the first read kept is what a listing gives: the next read takes it whole
+        for child in children:
+            listing = "\0".join(os.listdir(f"/proc/{child.pid}/fd"))
+            assert owners._processes[child.pid].listing == listing
+        assert owners.read().items() >= sockets.items()
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait()
