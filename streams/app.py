@@ -4,8 +4,8 @@ per-container/pod windows, with state in RocksDB tables (rocksdict) backed by ch
 Stages: raw stage (a librdkafka consumer thread outside Faust: decode, dead-letter, repartition
 by flow 5-tuple) -> flows agent (flows table, flow events, activity repartitioned by
 container/pod) -> windows agent (windows table, ContainerMetrics). Timeouts and window closing
-run on records in the internal topics (watermarks for the flows, ticks that a timer sends for
-the windows), so that every table change happens in stream context and is changelogged. Every
+run on records in the internal topics (watermarks, see below), so that every table change
+happens in stream context and is changelogged. Every
 stage works on batches (internal messages of at most ``MESSAGE_ROWS`` items, one table write per
 key per batch); output records go through librdkafka, flushed before the batch's table writes
 and before its input is acked.
@@ -28,7 +28,11 @@ agent keeps the highest progress of each raw partition per flows partition; the 
 watermark is the lowest over all raw partitions (0 until each reported). A quiet or empty raw
 partition is caught up, so its progress is the wall clock and stalls nothing; one whose reader
 died holds the watermark until the group gives it to another worker. Each watermark record is
-also the flows partition's tick.
+also the flows partition's tick. After a batch with watermarks, the flows agent passes its
+partitions' watermarks on to every activity partition, behind the batch's activity; the windows
+of an activity partition close (step end + grace) at the lowest watermark over all flows
+partitions, so that a worker behind, or restarted on a backlog, counts every flow in its windows
+instead of closing them on the wall clock before their activity came.
 """
 
 from __future__ import annotations
@@ -97,7 +101,6 @@ from streams.windows import EntityState, WindowConfig
 
 log = logging.getLogger(__name__)
 
-TICK = b"\x00tick"
 WATERMARK_KEY = b"\x00watermark"  # internal messages carry raw stage progress (see RawStage)
 BATCH_KEY = b"\x00batch"  # internal messages carry a list of observations or activities
 LOCAL_KEY = b"\x00local"  # ... or [host, address] pairs of local sockets (see RawStage)
@@ -464,6 +467,8 @@ class Worker:
         self.due: dict[int, dict[bytes, tuple[int, int]]] = {}
         self.marks: dict[int, dict[tuple[str, int], int]] = {}  # partition -> raw progress
         self.watermarks: dict[int, int] = {}  # partition -> its watermark (module docstring)
+        # activity partition -> flows partition -> its latest watermark
+        self.window_marks: dict[int, dict[int, int]] = {}
         self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
         self.lingering: dict[int, set[bytes]] = {}  # ended flows that only wait to be forgotten
         self.indexed: set[int] = set()
@@ -597,6 +602,11 @@ class Worker:
         for partition, items in batch.activity.items():
             for data in _fitting(items):
                 self.outputs.send("activity", BATCH_KEY, data, partition)
+        if batch.ticks:  # behind the batch's activity: the windows close on these
+            data = _json({"partitions": self.options.partitions,
+                          "progress": [[p, self.watermarks.get(p, 0)] for p in batch.ticks]})
+            for partition in range(self.options.partitions):
+                self.outputs.send("activity", WATERMARK_KEY, data, partition)
         await self.outputs.flush()
         _write(self.flows, batch.writes)
         await self.changelog_ebb()
@@ -752,6 +762,7 @@ class Worker:
         self.due.clear()
         self.marks.clear()
         self.watermarks.clear()
+        self.window_marks.clear()
         self.incomplete.clear()
         self.lingering.clear()
         self.entity_cache.clear()
@@ -769,15 +780,17 @@ class Worker:
     # -- stage 3: windows
 
     async def windows_agent(self, stream: faust.StreamT) -> None:
-        """Batches of activity and ticks; entities are kept in memory per partition and
+        """Batches of activity and watermarks; entities are kept in memory per partition and
         written to the table once per batch when changed."""
         async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             changed: dict[bytes, tuple[Any, EntityState | None]] = {}
             for event in events:
                 states = self._entities_of(event.message.partition)
-                if event.key == TICK:
-                    self.windows_tick(event, states, now, changed)
+                if event.key == WATERMARK_KEY:
+                    watermark_ns = self.windows_watermark(event)
+                    if watermark_ns:
+                        self.windows_tick(event, states, watermark_ns // 1_000_000, now, changed)
                     continue
                 for item in self._items(event, "windows"):
                     try:
@@ -819,14 +832,32 @@ class Worker:
         else:
             state.describe(ref.get("pod_name"), ref.get("pod_namespace"), ref.get("pod_name"), None)
 
-    def windows_tick(self, event: Any, states: dict[bytes, EntityState], now: int,
-                     changed: dict[bytes, tuple[Any, EntityState | None]]) -> None:
-        """Emit the windows of one partition that closed; forget idle entities."""
+    def windows_watermark(self, event: Any) -> int:
+        """Fold a flows partition's watermark into those the event's activity partition got;
+        the lowest over all flows partitions (0 until each reported)."""
+        partition = event.message.partition
+        try:
+            report = orjson.loads(event.value)
+            marks = self.window_marks.setdefault(partition, {})
+            for flows_partition, ns in report["progress"]:
+                if ns > marks.get(flows_partition, 0):
+                    marks[flows_partition] = ns
+            return min((marks.get(p, 0) for p in range(report["partitions"])), default=0)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.metrics.errors.labels("windows").inc()
+            log.error("windows: not a watermark at %s[%d]@%d", event.message.topic, partition,
+                      event.message.offset)
+            return 0
+
+    def windows_tick(self, event: Any, states: dict[bytes, EntityState], watermark_ms: int,
+                     now: int, changed: dict[bytes, tuple[Any, EntityState | None]]) -> None:
+        """Emit the windows of one partition that closed by ``watermark_ms`` (event time);
+        forget idle entities."""
         for key, state in list(states.items()):
             before = state.to_dict()
             if state.entity_type == "CONTAINER":  # metadata may have come after the activity
                 self._describe(state, state.entity)
-            for rec in state.close(now, self.options.windows):
+            for rec in state.close(watermark_ms, self.options.windows, now):
                 self.metrics.windows.labels(rec["entity_type"]).inc()
                 self.outputs.send("metrics.containers",
                                   f"{rec['entity_type']}:{rec['entity_id']}".encode(),
@@ -840,13 +871,8 @@ class Worker:
     # -- ticks, metadata
 
     async def tick(self) -> None:
-        """Send a tick to every assigned partition of the activity topic (the flows partitions
-        tick on their watermarks)."""
-        name = self.activity_topic.get_topic_name()
-        for tp in self.app.assignor.assigned_actives():
-            if tp.topic == name:
-                await self.activity_topic.send(key=TICK, value=_json({"tick": _now_ms()}),
-                                               partition=tp.partition)
+        """The rates of the web views (the flows partitions tick on their watermarks, and the
+        activity partitions on those the flows partitions pass on)."""
         self._rate()
 
     async def metadata_task(self) -> None:

@@ -233,10 +233,13 @@ class EntityState:
             (b.rtt_client if act.role == CLIENT else b.rtt_server).add(act.rtt_us, act.rttvar_us)
         return True
 
-    def close(self, now_ms: int, cfg: WindowConfig) -> list[dict[str, Any]]:
-        """The ContainerMetrics records of the windows that closed by ``now_ms``; forgets the
+    def close(self, now_ms: int, cfg: WindowConfig,
+              emitted_ms: int | None = None) -> list[dict[str, Any]]:
+        """The ContainerMetrics records of the windows that closed by ``now_ms`` (event time:
+        the watermark), stamped ``emitted_ms`` (the wall clock; default ``now_ms``); forgets the
         steps no open window needs."""
         step, hop, n = cfg.step_ms, cfg.hop_ms, cfg.steps
+        emitted_ms = now_ms if emitted_ms is None else emitted_ms
         limit = (now_ms - round(cfg.grace_s * 1000)) // step * step
         ends = sorted({int(b) + step * k for b in self.buckets for k in range(1, n + 1)
                        if self.emitted_upto_ms < int(b) + step * k <= limit})
@@ -244,11 +247,11 @@ class EntityState:
         for end in ends:
             tumbling = self.buckets.get(str(end - step))
             if tumbling is not None:
-                out.append(self._record(end - step, step, step, [tumbling], now_ms))
+                out.append(self._record(end - step, step, step, [tumbling], emitted_ms))
             if n > 1:
                 covered = [self.buckets.get(str(end - hop + step * j)) for j in range(n)]
                 if any(covered):
-                    out.append(self._record(end - hop, hop, step, covered, now_ms))
+                    out.append(self._record(end - hop, hop, step, covered, emitted_ms))
         self.emitted_upto_ms = max(self.emitted_upto_ms, limit)
         self.buckets = {s: b for s, b in self.buckets.items() if int(s) >= limit - hop}
         # a closed socket's activity is late from now on; an open one may resume

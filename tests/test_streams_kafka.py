@@ -714,18 +714,23 @@ def test_sigkill_under_load_ends_once_and_windows_add_up(stack_settings: Setting
             r.close()
 
 
+BACKLOG_CLIENT, BACKLOG_SERVER = "e5" * 32, "f6" * 32  # their containers
+
+
 def backlog(n: int, origin_ns: int) -> dict[int, list[tuple[str, dict[str, Any]]]]:
     """raw.ebpf START and END of both sockets of ``n`` loopback connections, by raw partition:
-    the clients' in partition 0, the servers' in partition 1, each in event-time order as a
-    sensor publishes them. A client's records carry a long command line (4 times the bytes of a
-    server's): a consumer that reads both partitions a megabyte at a time reads the servers
-    far ahead of their clients."""
+    the clients' (in container BACKLOG_CLIENT) in partition 0, the servers' (BACKLOG_SERVER) in
+    partition 1, each in event-time order as a sensor publishes them. A client's records carry a
+    long command line (4 times the bytes of a server's): a consumer that reads both partitions a
+    megabyte at a time reads the servers far ahead of their clients."""
     out: dict[int, list[tuple[str, dict[str, Any]]]] = {0: [], 1: []}
     for i in range(n):
         start_ns = origin_ns + i * 1_000_000
-        for partition, role, cookie, lport, rport, args in (
-                (0, "CLIENT", 80_000 + 2 * i, 20_000 + i, 8080, ["/usr/bin/client", "x" * 1200]),
-                (1, "SERVER", 80_001 + 2 * i, 8080, 20_000 + i, ["/usr/bin/server"])):
+        for partition, role, cookie, lport, rport, args, container in (
+                (0, "CLIENT", 80_000 + 2 * i, 20_000 + i, 8080, ["/usr/bin/client", "x" * 1200],
+                 BACKLOG_CLIENT),
+                (1, "SERVER", 80_001 + 2 * i, 8080, 20_000 + i, ["/usr/bin/server"],
+                 BACKLOG_SERVER)):
             process = schemas.record("Process", pid=100 + partition, tid=100 + partition,
                                      comm=role.lower(), exe=args[0], args=args, uid=0, gid=0,
                                      ppid=1, start_time_ms=origin_ns // 1_000_000)
@@ -737,6 +742,7 @@ def backlog(n: int, origin_ns: int) -> dict[int, list[tuple[str, dict[str, Any]]
                     timestamp_ns=start_ns + t_ns, start_ns=start_ns, transport="tcp",
                     family="ipv4", role=role, local_ip="127.0.0.1", local_port=lport,
                     remote_ip="127.0.0.1", remote_port=rport, process=process,
+                    container_id=container,
                     bytes_sent=(100 if partition == 0 else 5000) if end else 0,
                     bytes_received=(5000 if partition == 0 else 100) if end else 0,
                     packets_sent=3, packets_received=3, state="CLOSE" if end else "ESTABLISHED",
@@ -748,7 +754,9 @@ def test_backlog_ends_each_flow_once(stack_settings: Settings, tmp_path: Path) -
     """A backlog of raw records, produced while no worker runs, read by a worker whose raw
     stage gets the servers' partition far ahead of the clients' (seconds of processing time
     apart, past the join delay and END grace): the END grace and join delay count event time
-    against the watermark, so every flow ends exactly once, with both ends, and starts once."""
+    against the watermark, so every flow ends exactly once, with both ends, and starts once;
+    and the windows close on that watermark, not on the wall clock (600 s after these flows), so
+    they count every flow."""
     s = stack_settings
     n = 6000
     codec = Codec(s)
@@ -765,16 +773,31 @@ def test_backlog_ends_each_flow_once(stack_settings: Settings, tmp_path: Path) -
                     producer.poll(0.1)
     assert producer.flush(60) == 0
     worker = StreamWorker(s, f"g{s.topic_prefix[:-1]}", tmp_path / "worker.log")
-    reader = Reader(s, "flows")
-    flows = reader.records
+    readers = {x: Reader(s, x) for x in ("flows", "metrics.containers")}
+    flows, metrics = readers["flows"].records, readers["metrics.containers"].records
+
+    def counted() -> tuple[int, int]:
+        """Flows as client of the client container, as server of the server's, over the
+        latest record of each of their tumbling windows."""
+        latest = {(m["entity_id"], m["window_start_ms"]): m for m in metrics
+                  if m["window_size_ms"] == m["window_step_ms"]}
+        return (sum(m["flows_as_client"] for (e, _), m in latest.items() if e == BACKLOG_CLIENT),
+                sum(m["flows_as_server"] for (e, _), m in latest.items() if e == BACKLOG_SERVER))
+
     try:
         worker.start()
-        wait_for({"flows": reader}, lambda: len(latest_ends(flows)) >= n, 240, worker)
+        wait_for(readers, lambda: len(latest_ends(flows)) >= n, 240, worker)
+        deadline = time.monotonic() + 60  # the windows close 5 s (grace) behind the watermark
+        while counted() != (n, n) and time.monotonic() < deadline:
+            for r in readers.values():
+                r.poll(0.2)
         time.sleep(5)  # a corrective END (a peer read after its flow ended) would come now
-        reader.poll(1)
+        for r in readers.values():
+            r.poll(1)
     finally:
         worker.stop()
-        reader.close()
+        for r in readers.values():
+            r.close()
     ends = [f for f in flows if f["type"] == "END"]
     starts = [f for f in flows if f["type"] == "START"]
     print(f"\nbacklog of {4 * n} raw records: {len(starts)} START, {len(ends)} END, "
@@ -783,3 +806,4 @@ def test_backlog_ends_each_flow_once(stack_settings: Settings, tmp_path: Path) -
     assert all(f["client"]["local"] and f["server"]["local"] for f in ends)
     assert all((f["client_bytes"], f["server_bytes"]) == (100, 5000) for f in ends)
     assert len(starts) == n and all(f["sequence"] == 0 for f in starts)
+    assert counted() == (n, n), f"windows counted {counted()} of {n} flows"
