@@ -469,6 +469,7 @@ class Worker:
         self.watermarks: dict[int, int] = {}  # partition -> its watermark (module docstring)
         # activity partition -> flows partition -> its latest watermark
         self.window_marks: dict[int, dict[int, int]] = {}
+        self.windows_closed: dict[int, int] = {}  # activity partition -> its latest closing
         self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
         self.lingering: dict[int, set[bytes]] = {}  # ended flows that only wait to be forgotten
         self.indexed: set[int] = set()
@@ -763,6 +764,7 @@ class Worker:
         self.marks.clear()
         self.watermarks.clear()
         self.window_marks.clear()
+        self.windows_closed.clear()
         self.incomplete.clear()
         self.lingering.clear()
         self.entity_cache.clear()
@@ -781,16 +783,21 @@ class Worker:
 
     async def windows_agent(self, stream: faust.StreamT) -> None:
         """Batches of activity and watermarks; entities are kept in memory per partition and
-        written to the table once per batch when changed."""
+        written to the table once per batch when changed. A partition's windows close after
+        the batch's activity, on its latest watermark, when that closes another step."""
+        cfg = self.options.windows
         async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             changed: dict[bytes, tuple[Any, EntityState | None]] = {}
+            marks: dict[int, tuple[Any, int]] = {}  # partition -> (event, closing limit)
             for event in events:
                 states = self._entities_of(event.message.partition)
                 if event.key == WATERMARK_KEY:
                     watermark_ns = self.windows_watermark(event)
                     if watermark_ns:
-                        self.windows_tick(event, states, watermark_ns // 1_000_000, now, changed)
+                        marks[event.message.partition] = (
+                            event, (watermark_ns // 1_000_000 - round(cfg.grace_s * 1000))
+                            // cfg.step_ms * cfg.step_ms)
                     continue
                 for item in self._items(event, "windows"):
                     try:
@@ -799,13 +806,18 @@ class Worker:
                         state = states.get(key) or EntityState(entity=act.entity,
                                                                entity_type=act.entity_type)
                         self._describe(state, act.container_id)
-                        if not state.apply(act, self.options.windows):
+                        if not state.apply(act, cfg):
                             self.metrics.late.inc()
                         states[key] = state
                         changed[key] = (event, state)
                     except Exception:  # a bug must not stop the stream; counted and logged
                         self.metrics.errors.labels("windows").inc()
                         log.exception("windows: cannot process %r", item)
+            for partition, (event, limit) in marks.items():
+                if limit > self.windows_closed.get(partition, 0):
+                    self.windows_closed[partition] = limit
+                    self.windows_tick(event, self._entities_of(partition),
+                                      limit + round(cfg.grace_s * 1000), now, changed)
             writes = [(event, key, _json({"partition": event.message.partition,
                                           "state": state.to_dict()}) if state is not None else None)
                       for key, (event, state) in changed.items()
