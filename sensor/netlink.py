@@ -114,14 +114,16 @@ def _member_offsets() -> dict[str, int]:
 
 def _counters_struct(names: tuple[str, ...]) -> struct.Struct:
     """A struct reading only the u32 tcp_info members ``names``, in the order of their offsets."""
-    offsets = _member_offsets()
-    return _struct_at([(offset, "I") for offset in sorted(offsets[name] for name in names)])
+    return _struct_at([(offset, "I") for offset in sorted(_TCP_OFFSETS[name] for name in names)])
+
+
+_TCP_OFFSETS = _member_offsets()  # tcp_info member -> its offset
 
 
 # the counters a snapshot compares, read without the rest of tcp_info
 _COUNTERS = _counters_struct(("segs_in", "segs_out", "retransmits"))
 # (offset, size) in tcp_info of each _TCP_NAMES member, in that order
-_TCP_MEMBER_SPANS = tuple((_member_offsets()[name], struct.calcsize("=" + fmt))
+_TCP_MEMBER_SPANS = tuple((_TCP_OFFSETS[name], struct.calcsize("=" + fmt))
                           for name, fmt in _TCP_LAYOUT if name)
 
 

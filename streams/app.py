@@ -789,15 +789,13 @@ class Worker:
         async for events in stream.take_events(BATCH_MESSAGES, within=BATCH_WITHIN_S):
             now = _now_ms()
             changed: dict[bytes, tuple[Any, EntityState | None]] = {}
-            marks: dict[int, tuple[Any, int]] = {}  # partition -> (event, closing limit)
+            marks: dict[int, tuple[Any, int]] = {}  # partition -> (event, watermark ms)
             for event in events:
                 states = self._entities_of(event.message.partition)
                 if event.key == WATERMARK_KEY:
                     watermark_ns = self.windows_watermark(event)
                     if watermark_ns:
-                        marks[event.message.partition] = (
-                            event, (watermark_ns // 1_000_000 - round(cfg.grace_s * 1000))
-                            // cfg.step_ms * cfg.step_ms)
+                        marks[event.message.partition] = (event, watermark_ns // 1_000_000)
                     continue
                 for item in self._items(event, "windows"):
                     try:
@@ -813,11 +811,12 @@ class Worker:
                     except Exception:  # a bug must not stop the stream; counted and logged
                         self.metrics.errors.labels("windows").inc()
                         log.exception("windows: cannot process %r", item)
-            for partition, (event, limit) in marks.items():
+            for partition, (event, watermark_ms) in marks.items():
+                limit = cfg.closed_by(watermark_ms)
                 if limit > self.windows_closed.get(partition, 0):
                     self.windows_closed[partition] = limit
-                    self.windows_tick(event, self._entities_of(partition),
-                                      limit + round(cfg.grace_s * 1000), now, changed)
+                    self.windows_tick(event, self._entities_of(partition), watermark_ms, now,
+                                      changed)
             writes = [(event, key, _json({"partition": event.message.partition,
                                           "state": state.to_dict()}) if state is not None else None)
                       for key, (event, state) in changed.items()

@@ -130,6 +130,10 @@ class WindowConfig:
     def step_ms(self) -> int:
         return round(self.step_s * 1000)
 
+    def closed_by(self, now_ms: int) -> int:
+        """The end of the last step whose windows are closed at ``now_ms`` (past the grace)."""
+        return (now_ms - round(self.grace_s * 1000)) // self.step_ms * self.step_ms
+
     @property
     def steps(self) -> int:
         """Steps per hopping window (also the largest gap counted)."""
@@ -240,7 +244,7 @@ class EntityState:
         steps no open window needs."""
         step, hop, n = cfg.step_ms, cfg.hop_ms, cfg.steps
         emitted_ms = now_ms if emitted_ms is None else emitted_ms
-        limit = (now_ms - round(cfg.grace_s * 1000)) // step * step
+        limit = cfg.closed_by(now_ms)
         ends = sorted({int(b) + step * k for b in self.buckets for k in range(1, n + 1)
                        if self.emitted_upto_ms < int(b) + step * k <= limit})
         out = []
