@@ -926,11 +926,13 @@ class NetlinkSensor:
         dumped: set[int] = set()
         links: list[tuple[Namespace, dict[str, Any]]] = []
         gone: list[tuple[int, int, int]] = []  # cookie, netns inode, slot
+        alive = array("Q")  # the inodes of the sockets dumped
         owned = self._owners.owned
         try:
             for namespace in namespaces.values():
                 try:
                     for batch in _batches(self._messages(namespace), LOOKUP_BATCH):
+                        alive.extend([message[0][5] for _, message in batch])
                         slots = kept.find([message[0][1] for _, message in batch])
                         for (dump, message), slot in zip(batch, slots, strict=True):
                             inode = message[0][5]
@@ -954,7 +956,7 @@ class NetlinkSensor:
                     kept.seen[slot] = 1
             self._owners.closed(kept.inode(slot) for _, _, slot in gone)
             if waiting.cookies:
-                state.owners = self._owners.complete(set(waiting.inodes))
+                state.owners = self._owners.complete(set(waiting.inodes), alive)
                 slots = kept.find(waiting.cookies.tolist())
                 for (namespace, dump, message), slot in zip(waiting.messages(), slots,
                                                             strict=True):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sensor.owners import SocketOwners, _read_dense
 
@@ -42,7 +43,7 @@ def snapshot(owners: SocketOwners, sockets: set[int], closed: set[int] | None = 
     found = owners.read()
     owners.closed(closed or set())
     unknown = {inode for inode in sockets if not owners.owned(inode, found)}
-    return owners.complete(unknown) if unknown else found
+    return owners.complete(unknown, sockets) if unknown else found
 
 
 def test_owners_follow_reused_descriptors_and_pids(tmp_path: Path) -> None:
@@ -51,38 +52,65 @@ def test_owners_follow_reused_descriptors_and_pids(tmp_path: Path) -> None:
     proc.process(20, 600, {5: "socket:[200]", 6: "socket:[300]"})
     proc.process(30, 700, {})
     owners = SocketOwners(tmp_path)
-    # a first read reads every descriptor: a socket it does not find (999) needs no full read
+    # a socket no read finds (999) takes one recheck, even at the first snapshot
     assert snapshot(owners, {100, 200, 300, 999}) == {100: 10, 200: 20, 300: 10}
-    assert owners.full_reads == 0
+    assert owners.rechecks == 1
     owners.closed({999})
     assert owners.read() == {100: 10, 200: 20, 300: 10}
     # socket 100 closed and its descriptor number reused: unknown to the read before the dump
-    # (same descriptors listed), read again once it is known closed; no full read needed
+    # (same descriptors listed), read again once it is known closed; no recheck needed
     proc.link(10, 3, "socket:[101]")
     assert 101 not in owners.read()
     assert snapshot(owners, {101, 200, 300}, closed={100})[101] == 10
-    assert owners.full_reads == 0
+    assert owners.rechecks == 1
     # a descriptor reused while its old socket lives on elsewhere: the new one is unknown
-    # until a full read, which also finds that pid 10 no longer holds 300
+    # until a recheck, which reads the descriptors of a socket held twice again, and finds
+    # that pid 10 no longer holds 300
     proc.link(10, 4, "socket:[400]")
     assert snapshot(owners, {101, 200, 300, 400}) == {101: 10, 200: 20, 300: 20, 400: 10}
-    assert owners.full_reads == 1
+    assert owners.rechecks == 2
     # pid 20 exited and another process got its pid (its socket 200 lives on in pid 10):
-    # nothing read of the old process is kept, no full read needed
+    # nothing read of the old process is kept, no recheck needed
     proc.link(10, 7, "socket:[200]")
     proc.process(20, 900, {5: "socket:[500]"})
     assert snapshot(owners, {101, 200, 400, 500}, closed={300}) == {101: 10, 200: 10, 400: 10,
                                                                       500: 20}
-    assert owners.full_reads == 1
-    # a socket nobody holds (a kernel socket): one full read, not one per snapshot, until it
+    assert owners.rechecks == 2
+    # a socket nobody holds (a kernel socket): one recheck, not one per snapshot, until it
     # is closed
-    reads = owners.full_reads
+    reads = owners.rechecks
     for _ in range(3):
         assert 999 not in snapshot(owners, {101, 200, 400, 500, 999})
-    assert owners.full_reads == reads + 1
+    assert owners.rechecks == reads + 1
     snapshot(owners, {101, 200, 400, 500}, closed={999})
     assert 999 not in snapshot(owners, {101, 200, 400, 500, 999})
-    assert owners.full_reads == reads + 2
+    assert owners.rechecks == reads + 2
+
+
+def test_a_recheck_reads_again_what_may_hold_another_socket(tmp_path: Path,
+                                                            monkeypatch: Any) -> None:
+    """Descriptors listed as before may hold a new socket while the first dump runs (a shell's
+    child execs a client, say): one that held a pipe, or a socket the dump does not show (a
+    Unix one). A recheck reads those again, not a descriptor whose socket is still dumped."""
+    proc = FakeProc(tmp_path)
+    proc.process(10, 500, {0: "/dev/null", 3: "pipe:[7]", 4: "socket:[50]", 5: "socket:[60]"})
+    owners = SocketOwners(tmp_path)
+    assert owners.read() == {50: 10, 60: 10}
+    proc.link(10, 3, "socket:[100]")
+    proc.link(10, 4, "socket:[101]")
+    proc.link(10, 5, "socket:[102]")
+    assert not owners.owned(100, {50: 10, 60: 10})
+    links: list[str] = []
+    readlink = os.readlink
+
+    def counted(path: str, *, dir_fd: int | None = None) -> str:
+        links.append(path)
+        return readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", counted)
+    # 60 is dumped and no other descriptor holds it: descriptor 5 is taken as read
+    assert owners.complete({100, 101}, alive={60, 100, 101}) == {60: 10, 100: 10, 101: 10}
+    assert sorted(links) == ["0", "3", "4"] and owners.rechecks == 1
 
 
 def test_owner_of_a_real_socket() -> None:
