@@ -1,8 +1,9 @@
-"""``python -m bench.sensor_memory [--connections N] [--tcp-entries N] [--stack]``: resident
-memory of the eBPF sensor after loading and with N live loopback connections (2N sockets); one
-JSON line per stage, with the largest mappings. By default the eBPF part alone runs in a process
-of its own (with the sensor process's imports; records are counted, not sent); with ``--stack``
-the whole ``packetless sensor`` of a local stack (``packetless up``: Kafka, worker) is measured.
+"""``python -m bench.sensor_memory [--connections N] [--tcp-entries N] [--stack [--window-s S]]``:
+resident memory of the eBPF sensor after loading and with N live loopback connections (2N
+sockets); one JSON line per stage, with the largest mappings. By default the eBPF part alone runs
+in a process of its own (with the sensor process's imports; records are counted, not sent); with
+``--stack`` the whole ``packetless sensor`` of a local stack (``packetless up``: Kafka, worker)
+is measured, and its RSS sampled over a window after each stage (least, median, largest).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -22,6 +24,8 @@ from bench.common import PYTHON, REPO, host_tcp, release_holders, start_holder
 from bench.stack import start
 from bench.traffic import HOLD_CHUNK
 
+SAMPLE_EVERY_S = 0.25
+
 
 def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
     """VmRSS (or another field of /proc/<pid>/status in kB, e.g. VmHWM: the peak) in MiB."""
@@ -31,13 +35,23 @@ def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} for {pid}")
 
 
-def stack_stage(stage: str, pid: int) -> str:
+def stack_stage(stage: str, pid: int, window_s: float) -> str:
     """One JSON line of the stack's sensor: RSS (and its anonymous part: the heaps), its peak,
-    the host's TCP sockets, mappings."""
-    return json.dumps({"stage": stage, "rss_mib": round(rss_mib(pid), 1),
-                       "anon_mib": round(rss_mib(pid, "RssAnon"), 1),
-                       "peak_mib": round(rss_mib(pid, "VmHWM"), 1), "host_tcp": host_tcp(),
-                       "mappings": mappings(pid)})
+    the host's TCP sockets, mappings; then the least, median and largest RSS sampled every
+    SAMPLE_EVERY_S over ``window_s`` (with 100,000 sockets the RSS swings by up to 20 MiB within
+    seconds, with the periodic snapshots and scans: one reading alone is a draw)."""
+    line = {"stage": stage, "rss_mib": round(rss_mib(pid), 1),
+            "anon_mib": round(rss_mib(pid, "RssAnon"), 1),
+            "peak_mib": round(rss_mib(pid, "VmHWM"), 1), "host_tcp": host_tcp(),
+            "mappings": mappings(pid)}
+    samples = [line["rss_mib"]]
+    deadline = time.monotonic() + window_s
+    while time.monotonic() < deadline:
+        time.sleep(SAMPLE_EVERY_S)
+        samples.append(round(rss_mib(pid), 1))
+    line["rss_window_mib"] = {"samples": len(samples), "min": min(samples),
+                              "median": statistics.median(samples), "max": max(samples)}
+    return json.dumps(line)
 
 
 def mappings(pid: int | str = "self", top: int = 6) -> dict[str, float]:
@@ -105,16 +119,16 @@ def hold(work: Path, connections: int, settle_s: float) -> tuple[list[subprocess
     return holders, f"{held} connections held ({opened:.0f} s to open, {settle_s:g} s settled)"
 
 
-def in_stack(work: Path, connections: int, settle_s: float) -> None:
+def in_stack(work: Path, connections: int, settle_s: float, window_s: float) -> None:
     """The ``packetless sensor`` process of a local stack."""
     stack = start(work / "stack", sensor=True)
     holders: list[subprocess.Popen[bytes]] = []
     try:
         pid = stack.parts["sensor"]
         time.sleep(settle_s)
-        print(stack_stage("stack sensor ready", pid), flush=True)
+        print(stack_stage("stack sensor ready", pid, window_s), flush=True)
         holders, stage = hold(work, connections, settle_s)
-        print(stack_stage(stage, pid), flush=True)
+        print(stack_stage(stage, pid, window_s), flush=True)
     finally:
         release_holders(holders)
         stack.stop()
@@ -126,6 +140,8 @@ def main() -> int:
     parser.add_argument("--tcp-entries", type=int, default=131_072)
     parser.add_argument("--settle-s", type=float, default=15.0)
     parser.add_argument("--stack", action="store_true")
+    parser.add_argument("--window-s", type=float, default=15.0,
+                        help="with --stack: RSS sampled over this long after each stage")
     parser.add_argument("--sensor", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sensor:
@@ -134,7 +150,7 @@ def main() -> int:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"sensor-memory-{os.getpid()}"
     work.mkdir(exist_ok=True)
     if args.stack:
-        in_stack(work, args.connections, args.settle_s)
+        in_stack(work, args.connections, args.settle_s, args.window_s)
         return 0
     proc = subprocess.Popen([PYTHON, "-m", "bench.sensor_memory", "--sensor", "--tcp-entries",
                              str(args.tcp_entries)], cwd=REPO, stdin=subprocess.PIPE,
