@@ -98,6 +98,11 @@ def _read_all(settings: Any, n: int, decode: bool, max_s: float) -> float:
     return got / (last - first) if got > 1 and last > first else 0.0
 
 
+def _thread_cpu(proc: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user and system) of each thread of ``proc``, by thread id."""
+    return {t.id: t.user_time + t.system_time for t in proc.threads()}
+
+
 class PeakRss(threading.Thread):
     """The highest RSS of a process, sampled every second until stopped."""
 
@@ -151,6 +156,7 @@ def worker_rate(run_dir: Path, quick: bool, backlog_flows: int | None = None) ->
         finally:
             idle_rss = worker_proc.memory_info().rss
             cpu0 = sum(worker_proc.cpu_times()[:2])
+            threads0 = _thread_cpu(worker_proc)
             worker_proc.resume()
         t0 = time.monotonic()
         peak = PeakRss(worker_proc)
@@ -165,6 +171,8 @@ def worker_rate(run_dir: Path, quick: bool, backlog_flows: int | None = None) ->
         peak.join()
         worker = len(records) / (grew - t0)
         worker_cpu = sum(worker_proc.cpu_times()[:2]) - cpu0
+        main_cpu = _thread_cpu(worker_proc).get(worker_proc.pid, 0.0) - threads0.get(
+            worker_proc.pid, 0.0)
         bare = _read_all(stack.settings, len(records), False, 300)
         decoding = _read_all(stack.settings, len(records), True, 300)
         lag = metric(stack.web_port, "packetless_streams_consumer_lag", "raw.")
@@ -196,7 +204,9 @@ def worker_rate(run_dir: Path, quick: bool, backlog_flows: int | None = None) ->
                       "raw.ebpf is 0 and its output stopped growing for 10 s (an END is due at "
                       "once when both sockets closed); consumer lag at the end: "
                       f"{fmt(lag, 0)}; the worker used {worker_cpu:.1f} CPU s meanwhile: "
-                      f"{n / worker_cpu if worker_cpu else 0:,.0f} records per CPU second; "
+                      f"{n / worker_cpu if worker_cpu else 0:,.0f} records per CPU second, "
+                      f"{main_cpu:.1f} CPU s of them in its main thread (Faust's event loop: "
+                      "the flows and windows stages; the raw stage has a thread of its own); "
                       f"worker RSS {idle_rss / 2**20:,.0f} MiB before, peak "
                       f"{peak.peak / 2**20:,.0f} MiB (sampled every second)")
     return item

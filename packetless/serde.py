@@ -9,12 +9,14 @@ schema mismatch) into a ``DecodeError`` so that callers can dead-letter the reco
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import cavro
 import fastavro.schema
+import orjson
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext, SerializationError
@@ -25,11 +27,21 @@ from packetless.topics import TOPICS, topic_name
 
 MAGIC = 0
 HEADER = struct.Struct(">bI")
+FLOATS = re.compile(r'"(float|double)"')
+# orjson writes only the plain JSON types: other values (an ISO date and its text) could share
+# a JSON text with a value of another Avro encoding
+JSON_PLAIN = (orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+              | orjson.OPT_PASSTHROUGH_SUBCLASS)
 # Fields whose values are shared dicts that nobody changes once made: the process records of the
 # eBPF sensor's owners (one per process and OWNER_TTL_NS, see sensor.ebpf.EbpfSensor._owner) and
 # of the Netlink sensor's sockets (one per process and snapshot, see NetlinkSensor._process).
 SHARED_FIELDS: dict[str, tuple[str, ...]] = {"packetless.EbpfEvent": ("process",),
                                               "packetless.NetlinkEvent": ("socket.process",)}
+# Fields whose values recur from record to record, as new dicts each time: the processes and
+# containers of flow events (a process has many flows); their bytes are reused by value.
+RECURRING_FIELDS: dict[str, tuple[str, ...]] = {
+    "packetless.Flow": ("client.process", "server.process", "client.container",
+                        "server.container")}
 SHARED_CACHE = 4096
 # cavro writes a named type defined in an earlier segment again: each segment is its own schema
 SEGMENT_OPTIONS = cavro.Options(named_type_names_must_be_unique=False)
@@ -104,32 +116,45 @@ class RecordWriter:
     """Schemaless Avro of a record schema, written by cavro: the bytes fastavro (AvroSerializer)
     writes, several times faster. Avro writes a record as its fields' encodings one after the
     other, so the ``shared`` fields (values that are never changed once made) are written once
-    per value object and their bytes reused, and the runs of other fields between them by
-    schemas of their own (the record's fields in schema order, references expanded). A shared
-    path ``a.b`` names field ``b`` of the record (or null-or-record union) in field ``a``.
+    per value object and their bytes reused, the ``recurring`` fields (values made anew for
+    each record, often equal to earlier ones) once per distinct value (by its JSON), and the
+    runs of other fields between them by schemas of their own (the record's fields in schema
+    order, references expanded). A path ``a.b`` names field ``b`` of the record (or
+    null-or-record union) in field ``a``.
     """
 
-    def __init__(self, schema: dict[str, Any], shared: tuple[str, ...] = ()) -> None:
+    def __init__(self, schema: dict[str, Any], shared: tuple[str, ...] = (),
+                 recurring: tuple[str, ...] = ()) -> None:
         expanded = fastavro.schema.expand_schema(schema)
-        inner: dict[str, tuple[str, ...]] = {}
-        for path in shared:
-            head, _, rest = path.partition(".")
-            if rest:
-                inner[head] = (*inner.get(head, ()), rest)
-        self._parts: list[tuple[str | None, Callable[[Any], bytes]]] = []
+        own: dict[str, bool] = {}  # shared field -> whether known by value (recurring)
+        inner: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        for paths, by_value in ((shared, False), (recurring, True)):
+            for path in paths:
+                head, _, rest = path.partition(".")
+                if rest:
+                    ids, values = inner.get(head, ((), ()))
+                    inner[head] = (ids, (*values, rest)) if by_value else ((*ids, rest), values)
+                else:
+                    own[head] = by_value
+        self._parts: list[tuple[str | None, bool, Callable[[Any], bytes]]] = []
         run: list[dict[str, Any]] = []
         for field in [*expanded["fields"], None]:
-            if field is not None and field["name"] not in shared and field["name"] not in inner:
+            if field is not None and field["name"] not in own and field["name"] not in inner:
                 run.append(field)
                 continue
             if run:
-                self._parts.append((None, self._segment(expanded, run)))
+                self._parts.append((None, False, self._segment(expanded, run)))
                 run = []
             if field is not None and field["name"] in inner:
-                self._parts.append((None, _within(field, inner[field["name"]])))
+                self._parts.append((None, False, _within(field, *inner[field["name"]])))
             elif field is not None:
-                self._parts.append((field["name"], self._segment(expanded, [field])))
+                if own[field["name"]] and FLOATS.search(json.dumps(field["type"])):
+                    raise ValueError(f"recurring field {field['name']!r} holds floating point "
+                                     "numbers (JSON writes NaN as null)")
+                self._parts.append((field["name"], own[field["name"]],
+                                    self._segment(expanded, [field])))
         self._shared: dict[int, tuple[Any, bytes]] = {}  # id(value) -> (value, its bytes)
+        self._recurring: dict[tuple[str, bytes], bytes] = {}  # (field, value's JSON) -> bytes
 
     @staticmethod
     def _segment(record: dict[str, Any], fields: list[dict[str, Any]]) -> Callable[[Any], bytes]:
@@ -138,31 +163,51 @@ class RecordWriter:
 
     def __call__(self, value: dict[str, Any]) -> bytes:
         out = []
-        for name, write in self._parts:
+        for name, by_value, write in self._parts:
             if name is None:
                 out.append(write(value))
-                continue
-            item = value.get(name)
-            known = self._shared.get(id(item))
-            if known is None or known[0] is not item:  # the value kept alive keeps its id
-                if len(self._shared) >= SHARED_CACHE:
-                    self._shared.clear()
-                known = self._shared[id(item)] = (item, write({name: item}))
-            out.append(known[1])
+            elif by_value:
+                out.append(self._by_value(name, value.get(name), write))
+            else:
+                item = value.get(name)
+                known = self._shared.get(id(item))
+                if known is None or known[0] is not item:  # the value kept alive keeps its id
+                    if len(self._shared) >= SHARED_CACHE:
+                        self._shared.clear()
+                    known = self._shared[id(item)] = (item, write({name: item}))
+                out.append(known[1])
         return b"".join(out)
 
+    def _by_value(self, name: str, item: Any, write: Callable[[Any], bytes]) -> bytes:
+        """The bytes of a recurring field's value, known by its JSON: values with the same JSON
+        have the same keys, and values of the same JSON types, so the same Avro. A value
+        without JSON of its own (integers beyond 64 bits, bytes, text that is not UTF-8,
+        subclasses, dates, dataclasses: ``JSON_PLAIN``) is written each time (and raises if it
+        does not fit)."""
+        try:
+            key = orjson.dumps(item, option=JSON_PLAIN)
+        except TypeError:
+            return write({name: item})
+        known = self._recurring.get((name, key))
+        if known is None:
+            if len(self._recurring) >= SHARED_CACHE:
+                self._recurring.clear()
+            known = self._recurring[(name, key)] = write({name: item})
+        return known
 
-def _within(field: dict[str, Any], shared: tuple[str, ...]) -> Callable[[Any], bytes]:
+
+def _within(field: dict[str, Any], shared: tuple[str, ...],
+            recurring: tuple[str, ...]) -> Callable[[Any], bytes]:
     """A writer of the record field ``field`` (a record, or a union of null and a record) by a
-    RecordWriter of its own, sharing its ``shared`` fields: the union's branch index (a zigzag
-    long: index i is the byte 2i) then the record."""
+    RecordWriter of its own, with its ``shared`` and ``recurring`` fields: the union's branch
+    index (a zigzag long: index i is the byte 2i) then the record."""
     name, kind = field["name"], field["type"]
     branches = kind if isinstance(kind, list) else [kind]
     records = [i for i, branch in enumerate(branches)
                if isinstance(branch, dict) and branch.get("type") == "record"]
     if len(records) != 1 or len(branches) - ("null" in branches) != 1:
         raise ValueError(f"shared fields inside {name!r} need a record or null-or-record field")
-    write = RecordWriter(branches[records[0]], shared)
+    write = RecordWriter(branches[records[0]], shared, recurring)
     tag = bytes([2 * records[0]]) if isinstance(kind, list) else b""
     null = bytes([2 * branches.index("null")]) if "null" in branches else None
 
@@ -229,7 +274,8 @@ class Codec:
         data = self.serializer(suffix)(value, SerializationContext(topic, MessageField.VALUE))
         schema = schemas.load(self._schema_name(suffix))
         self._writers[suffix] = (data[:HEADER.size],
-                                 RecordWriter(schema, SHARED_FIELDS.get(schema["name"], ())))
+                                 RecordWriter(schema, SHARED_FIELDS.get(schema["name"], ()),
+                                              RECURRING_FIELDS.get(schema["name"], ())))
         return data
 
     def decode(self, suffix: str, data: bytes | None) -> dict[str, Any] | None:

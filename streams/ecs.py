@@ -110,13 +110,14 @@ def shared(make: Callable[..., T], *parts: Any) -> T:
     return out
 
 
-def _end(end: dict[str, Any]) -> dict[str, Any]:
-    """The ECS fields of one end of a flow (its process and container), without empty values."""
+def _end(end: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ECS fields of one end of a flow (its process and container), without empty values,
+    and the top-level fields of a document seen from that end."""
     return shared(_end_fields, end["process"], end["container"])
 
 
 def _end_fields(process: dict[str, Any] | None, container: dict[str, Any] | None
-                ) -> dict[str, Any]:
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     out = {}
     if process:
         out["process"] = drop_empty(process_fields(process))
@@ -125,7 +126,17 @@ def _end_fields(process: dict[str, Any] | None, container: dict[str, Any] | None
         orchestrator = orchestrator_fields(container)
         if orchestrator:
             out["orchestrator"] = drop_empty(orchestrator)
-    return out
+    own = {}  # ``process`` without its group, which ECS has at the top like the user
+    proc = out.get("process")
+    if proc is not None:
+        own["process"] = {k: v for k, v in proc.items() if k != "group"}
+        for key in ("user", "group"):
+            if key in proc:
+                own[key] = proc[key]
+    for key in ("container", "orchestrator"):
+        if key in out:
+            own[key] = out[key]
+    return out, own
 
 
 def _common(flow: dict[str, Any]) -> dict[str, Any]:
@@ -164,24 +175,16 @@ def _common(flow: dict[str, Any]) -> dict[str, Any]:
 
 
 def _document(flow: dict[str, Any], common: dict[str, Any], side: str,
-              ends: dict[str, dict[str, Any]]) -> dict[str, Any]:
+              ends: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
     """The ECS document of ``flow`` seen from its local ``side`` (client or server)."""
     me = flow[side]
     peer_side = "server" if side == "client" else "client"
-    peer, mine, theirs = flow[peer_side], ends[side], ends[peer_side]
+    peer, mine, theirs = flow[peer_side], ends[side][1], ends[peer_side][0]
     doc = dict(common)
     doc["event"] = {**common["event"],
                     "id": f"{flow['flow_id']}-{flow['sequence']}-{me['socket_cookie']}"}
     doc["network"] = {**common["network"], "direction": "egress" if side == "client" else "ingress"}
-    proc = mine.get("process")
-    if proc is not None:
-        doc["process"] = {k: v for k, v in proc.items() if k != "group"}
-        for key in ("user", "group"):
-            if key in proc:
-                doc[key] = proc[key]
-    for key in ("container", "orchestrator"):
-        if key in mine:
-            doc[key] = mine[key]
+    doc.update(mine)
     ours = {"flow_id": flow["flow_id"], "flow_event": flow["type"], "sequence": flow["sequence"],
             "end_reason": flow["end_reason"], "socket_cookie": me["socket_cookie"],
             "netns_inode": me["netns_inode"]}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -24,11 +25,21 @@ IANA = {"tcp": 6, "udp": 17}
 EPHEMERAL = range(32768, 61000)
 CLOSED_STATES = frozenset({"CLOSE", "TIME_WAIT"})
 COUNTERS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "retransmits")
+# an IPv4 address as ``ipaddress`` reads one (decimal octets up to 255 without leading zeros);
+# groups: the first three octets, the first octet
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+IPV4 = re.compile(rf"(({_OCTET})\.{_OCTET}\.{_OCTET})\.{_OCTET}")
+
+
+def normalize_ip(ip: str) -> str:
+    """The canonical text of ``ip``; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4. Text
+    without a colon is left as it is: an IPv4 address that ``ipaddress`` accepts is canonical
+    already (no leading zeros), and text that it refuses is not an address."""
+    return ip if ":" not in ip else _normalize_ipv6(ip)
 
 
 @lru_cache(maxsize=65536)
-def normalize_ip(ip: str) -> str:
-    """The canonical text of ``ip``; IPv4-mapped IPv6 (``::ffff:a.b.c.d``) becomes IPv4."""
+def _normalize_ipv6(ip: str) -> str:
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -45,7 +56,11 @@ def family_of(ip: str) -> str:
 @lru_cache(maxsize=65536)
 def network(ip: str) -> str | None:
     """The /24 (IPv4) or /64 (IPv6) of ``ip``; None for addresses that are always local
-    (loopback, unspecified) or not addresses at all."""
+    (loopback, unspecified) or not addresses at all. An IPv4 address is read by ``IPV4``, the
+    rest by ``ipaddress``."""
+    v4 = IPV4.fullmatch(ip)
+    if v4 is not None:
+        return None if v4[2] == "127" or ip == "0.0.0.0" else f"{v4[1]}.0/24"
     try:
         addr = ipaddress.ip_address(ip)
     except ValueError:
@@ -236,6 +251,8 @@ _SOCKET_FIELDS = frozenset(f.name for f in fields(SocketState))
 
 def _richer(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
     """Whether process record ``new`` should replace ``old`` (another process, or more known)."""
+    if new == old:  # most observations repeat the process their socket has
+        return False
     if old is None or new.get("pid") != old.get("pid"):
         return old is None or bool(new.get("exe"))
     return sum(v not in (None, [], "") for v in new.values()) > sum(

@@ -4,7 +4,6 @@ record per container id and per (host, pid), used to enrich flows (pure logic; t
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,7 +79,11 @@ class MetaCache:
 
     def signature(self, host: str, container_ids: list[str | None],
                   procs: list[dict[str, Any] | None]) -> str:
-        """What is known about these containers and processes: a change means new metadata."""
-        known = [c in self.containers for c in container_ids if c]
-        exes = [bool((self.process(host, p) or {}).get("exe")) for p in procs if p]
-        return json.dumps([known, exes])
+        """What is known about these containers and processes: a change means new metadata.
+        (The JSON of ``[known, exes]``, the flows table's format, written without ``json``.)"""
+        known = ", ".join(_BOOL[c in self.containers] for c in container_ids if c)
+        exes = ", ".join(_BOOL[bool((self.process(host, p) or {}).get("exe"))] for p in procs if p)
+        return f"[[{known}], [{exes}]]"
+
+
+_BOOL = {True: "true", False: "false"}

@@ -168,3 +168,50 @@ def test_codec_encode_is_avro_serializer_bytes(settings: Settings) -> None:
         [plain(r, ctx) for r in records + records]
     with pytest.raises(ValueError):
         codec.encode("raw.ebpf", {**records[0], "remote_port": "https"})
+
+
+def test_recurring_fields_are_written_by_value() -> None:
+    """Flow records whose processes and containers are new dicts each time: equal values reuse
+    their bytes, and a changed value (one field, a field's type, key order) never gets the
+    bytes of another; values without JSON are written (or refused) as they are."""
+    schema = schemas.load("Flow")
+    write = RecordWriter(schema, (), serde.RECURRING_FIELDS["packetless.Flow"])
+    base = next(iter(generate_many(schema, 1)))
+    process = {**schemas.defaults("Process"), "pid": 7, "comm": "curl", "args": ["curl", "-s"],
+               "uid": 0, "start_time_ms": 1}
+    container = {**schemas.defaults("ContainerRef"), "id": "c" * 64, "labels": {"a": "b"}}
+    variants = [process, {**process, "args": ["curl"]}, {**process, "uid": None},
+                {**process, "pid": 8}, dict(reversed(process.items())), None]
+    records = []
+    for proc in variants:
+        for ref in (container, {**container, "labels": {}}, None):
+            client = {**base["client"], "process": proc and dict(proc), "container": ref}
+            server = {**base["server"], "process": None, "container": ref and dict(ref)}
+            records.append({**base, "client": client, "server": server})
+    for rec in records + records:
+        assert write(rec) == _fastavro(schema, rec)
+    for bad in ({**process, "pid": 2**70}, {**process, "comm": "x\udcff"}, {**process, "pid": "7"}):
+        with pytest.raises((ValueError, TypeError, OverflowError)):
+            write({**base, "client": {**base["client"], "process": bad}})
+
+
+def test_recurring_values_are_written_once_per_field() -> None:
+    """Equal values of a field are written once; two fields with the same value (the same
+    JSON) keep their own bytes."""
+    inner = {"type": "record", "name": "I", "fields": [{"name": "n", "type": "long"}]}
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "a", "type": ["null", inner]}, {"name": "b", "type": ["I", "null"]}]}
+    write = RecordWriter(schema, (), ("a", "b"))
+    records = [{"a": a, "b": b} for a in (None, {"n": 1}, {"n": 2}) for b in (None, {"n": 1})]
+    for rec in records + [{"a": dict(r["a"] or {}) or None, "b": r["b"]} for r in records]:
+        assert write(rec) == _fastavro(schema, rec)
+    assert len(write._recurring) == 5  # a: None, 1, 2; b: None, 1
+
+
+def test_recurring_fields_refuse_floating_point() -> None:
+    """JSON writes NaN as null: a recurring value with floats could take a null's bytes."""
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "inner", "type": ["null", {"type": "record", "name": "I", "fields": [
+            {"name": "x", "type": ["null", "double"]}]}]}]}
+    with pytest.raises(ValueError, match="floating point"):
+        RecordWriter(schema, (), ("inner",))

@@ -3,6 +3,8 @@ reuse), flow events, ECS/OCSF documents, Community ID vectors, and the window st
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import random
 from dataclasses import replace
 from typing import Any
@@ -26,7 +28,9 @@ from streams.flows import (
     activity,
     due,
     expired,
+    network,
     next_due,
+    normalize_ip,
     observe,
 )
 from streams.meta import MetaCache
@@ -551,3 +555,77 @@ def test_flow_state_of_an_earlier_version_is_read() -> None:
     restored = FlowState.from_dict(orjson.loads(orjson.dumps(old)))
     assert restored.changed_ns == 0 and len(restored.sockets) == 2
     assert [e.type for e in due(restored, at(0), CFG)] == ["END"]  # idle long since
+
+
+def test_enrichment_signature_keeps_the_stored_format() -> None:
+    """The signature is kept in the flows table: its text stays the JSON of [containers known,
+    executables known] that earlier versions stored, or every stored flow would look
+    re-enriched (an UPDATE or a second END) after an upgrade."""
+    meta = MetaCache()
+    meta.containers[CID_A] = {"id": CID_A}
+    meta.processes[("h1", 100)] = {"pid": 100, "exe": "/usr/bin/curl"}
+    cases = [([], []), ([CID_A], [{"pid": 100}]), ([CID_A, CID_B, None], [None, {"pid": 7}]),
+             ([None], [{"pid": 7, "exe": "/bin/sh"}, {"pid": 100, "exe": None}])]
+    for containers, procs in cases:
+        known = [c in meta.containers for c in containers if c]
+        exes = [bool((meta.process("h1", p) or {}).get("exe")) for p in procs if p]
+        assert meta.signature("h1", containers, procs) == json.dumps([known, exes])
+
+
+def _by_ipaddress(ip: str) -> tuple[str, str | None]:
+    """normalize_ip and network as ``ipaddress`` alone says them."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip, None
+    mapped = addr.ipv4_mapped if isinstance(addr, ipaddress.IPv6Address) else None
+    net = None if addr.is_loopback or addr.is_unspecified else str(
+        ipaddress.ip_network(f"{ip}/{24 if addr.version == 4 else 64}", strict=False))
+    return str(mapped if mapped is not None else addr), net
+
+
+DOTTED = st.lists(st.text("0123456789", max_size=4), min_size=1, max_size=5).map(".".join)
+
+
+@given(st.one_of(st.ip_addresses().map(str), DOTTED, st.text("0123456789.:abcdef%x \n", max_size=24),
+                 st.sampled_from(["127.0.0.1", "127.255.1.2", "0.0.0.0", "01.2.3.4", "1.2.3.04",
+                                  "256.1.1.1", "1.2.3.4\n", " 1.2.3.4", "\u0661.2.3.4", "1.2.3",
+                                  "::ffff:10.1.2.3", "::1", "::", "fe80::1%eth0", "1.2.3.4/24"])))
+def test_ip_text_is_read_as_ipaddress_reads_it(ip: str) -> None:
+    """The IPv4 shortcuts of normalize_ip and network give what ``ipaddress`` gives."""
+    assert (normalize_ip(ip), network(ip)) == _by_ipaddress(ip)
+
+
+def test_flows_not_in_an_indexed_partition_are_not_looked_up() -> None:
+    """The flows stage reads a flow from the table unless its partition's index (every flow of
+    the partition's table once indexed) says that the table has none."""
+    from types import SimpleNamespace
+
+    from streams.app import FlowBatch, Worker
+
+    class Event:  # Faust's events (the table reads the current one's partition by weak reference)
+        def __init__(self, partition: int) -> None:
+            self.message = SimpleNamespace(partition=partition)
+
+    class Table(dict[bytes, bytes]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: list[bytes] = []
+
+        def get(self, key: bytes, default: Any = None) -> Any:
+            self.reads.append(key)
+            return super().get(key, default)
+
+    worker = Worker.__new__(Worker)
+    worker.flows = Table()  # type: ignore[assignment]
+    stored = FlowState.new(obs(1, "client", "START", 0), at(0), 1)
+    worker.flows[b"known"] = orjson.dumps(stored.to_dict())
+    worker.indexed, worker.due = {1}, {1: {b"known": (0, 0)}}
+    event = Event(1)
+    batch = FlowBatch()
+    assert worker._load(event, b"new", batch).state is None
+    assert worker._load(event, b"known", batch).state == stored
+    assert worker.flows.reads == [b"known"]  # type: ignore[attr-defined]
+    other = Event(2)  # not indexed yet
+    assert worker._load(other, b"elsewhere", FlowBatch()).state is None
+    assert worker.flows.reads == [b"known", b"elsewhere"]  # type: ignore[attr-defined]
