@@ -36,7 +36,7 @@ from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
 from sensor import privileges
 from sensor.cgroups import CgroupResolver, ContainerRef
 from sensor.netns import Namespace, discover_namespaces, socket_in
-from sensor.owners import SocketOwners
+from sensor.owners import Owners, SocketOwners
 from sensor.processes import ProcessCache
 
 log = logging.getLogger(__name__)
@@ -593,7 +593,7 @@ class _Snapshot:
 
     now_ms: int
     every: int  # idle sockets are republished every ``every`` snapshots
-    owners: dict[int, int]
+    owners: Owners
     processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
@@ -927,18 +927,20 @@ class NetlinkSensor:
         links: list[tuple[Namespace, dict[str, Any]]] = []
         gone: list[tuple[int, int, int]] = []  # cookie, netns inode, slot
         alive = array("Q")  # the inodes of the sockets dumped
-        owned = self._owners.owned
+        ownerless = self._owners.ownerless
         try:
             for namespace in namespaces.values():
                 try:
                     for batch in _batches(self._messages(namespace), LOOKUP_BATCH):
-                        alive.extend([message[0][5] for _, message in batch])
+                        inodes = [message[0][5] for _, message in batch]
+                        alive.extend(inodes)
                         slots = kept.find([message[0][1] for _, message in batch])
-                        for (dump, message), slot in zip(batch, slots, strict=True):
-                            inode = message[0][5]
-                            if inode and not owned(inode, state.owners):
+                        for (dump, message), slot, inode, pid in zip(
+                                batch, slots, inodes, state.owners.pids(inodes), strict=True):
+                            if inode and pid < 0 and not ownerless(inode):
                                 waiting.add(namespace, dump, message)
-                            elif event := self._socket(dump, message, namespace, state, slot):
+                            elif event := self._socket(dump, message, namespace, state, slot,
+                                                       pid):
                                 yield event
                     dumped.add(namespace.inode)
                     if options.interfaces:
@@ -958,9 +960,10 @@ class NetlinkSensor:
             if waiting.cookies:
                 state.owners = self._owners.complete(set(waiting.inodes), alive)
                 slots = kept.find(waiting.cookies.tolist())
-                for (namespace, dump, message), slot in zip(waiting.messages(), slots,
-                                                            strict=True):
-                    if event := self._socket(dump, message, namespace, state, slot):
+                pids = state.owners.pids(waiting.inodes.tolist())
+                for (namespace, dump, message), slot, pid in zip(waiting.messages(), slots, pids,
+                                                                 strict=True):
+                    if event := self._socket(dump, message, namespace, state, slot, pid):
                         yield event
             for cookie, netns, slot in gone:
                 yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, netns,
@@ -973,12 +976,13 @@ class NetlinkSensor:
                                                    link)
 
     def _socket(self, dump: _Dump, message: Message, namespace: Namespace, state: _Snapshot,
-                slot: int) -> tuple[str, dict[str, Any]] | None:
+                slot: int, owner: int) -> tuple[str, dict[str, Any]] | None:
         """The SOCKET event of ``message`` if it is to be published (new, changed, or its
-        turn among the idle ones); keeps what is kept of it in its ``slot`` (-1: new)."""
+        turn among the idle ones); keeps what is kept of it in its ``slot`` (-1: new).
+        ``owner``: the pid holding it (-1: none)."""
         head = message[0]
-        cookie, inode = head[1], head[5]
-        pid = state.owners.get(inode) if inode else None
+        cookie = head[1]
+        pid = owner if owner >= 0 else None
         signature = _signature(head, pid)
         kept = self._kept
         if slot >= 0 and kept.signatures[slot] == signature \
