@@ -42,12 +42,10 @@ class Owners(Mapping[int, int]):
 
     def __init__(self, processes: Iterable[tuple[int, _Fds]] = ()) -> None:
         """The owners of the sockets that ``processes`` hold (pid, what was read of it)."""
-        pids, inodes = [], []
-        for pid, fds in processes:
-            pids.append(pid)
-            inodes.append(np.frombuffer(fds.inodes, np.uint64))
-        held = np.concatenate(inodes) if inodes else np.zeros(0, np.uint64)
-        holders = np.repeat(np.array(pids, np.int64), [len(i) for i in inodes])
+        listed = list(processes)
+        held = _held(listed)
+        holders = np.repeat(np.array([pid for pid, _ in listed], np.int64),
+                            [len(fds.inodes) for _, fds in listed])
         sockets = held != 0
         held, holders = held[sockets], holders[sockets]
         order = np.lexsort((holders, held))  # by inode, then pid: the lowest pid first
@@ -180,8 +178,7 @@ class SocketOwners:
         than it found are read again: those that held no socket, or one not ``alive``, or one
         another descriptor holds too (see the module's docstring)."""
         processes = list(self._processes.items())
-        inodes = np.concatenate([np.frombuffer(fds.inodes, np.uint64) for _, fds in processes]
-                                or [np.zeros(0, np.uint64)])
+        inodes = _held(processes)
         values, counts = np.unique(inodes, return_counts=True)
         suspect = (inodes == 0) | np.isin(inodes, values[counts > 1]) \
             | np.isin(inodes, alive, invert=True)
@@ -215,6 +212,12 @@ class SocketOwners:
         finally:
             os.close(directory)
         return True
+
+
+def _held(processes: list[tuple[int, _Fds]]) -> np.ndarray:
+    """The inodes of the descriptors of ``processes`` one after the other (0: not a socket)."""
+    return np.concatenate([np.frombuffer(fds.inodes, np.uint64) for _, fds in processes]
+                          or [np.zeros(0, np.uint64)])
 
 
 def _unowned(owners: Owners, inodes: set[int]) -> set[int]:
