@@ -233,22 +233,26 @@ def _read_dense(directory: int) -> tuple[list[str], array[int], bool]:
     and later; 0 before), or to the first descriptor not open; and whether they were all its
     descriptors (the count was reached)."""
     count = os.fstat(directory).st_size
-    names: list[str] = []
-    inodes = array("Q")
+    readlink = os.readlink
+    targets: list[str] = []
     for fd in range(count):
-        name = str(fd)
         try:
-            target = os.readlink(name, dir_fd=directory)
+            targets.append(readlink(str(fd), dir_fd=directory))
         except OSError:  # not open: the descriptors have gaps (or it was closed meanwhile)
-            return names, inodes, False
-        names.append(name)
-        inodes.append(_socket_inode(target))
-    return names, inodes, count > 0
+            break
+    names = list(map(str, range(len(targets))))
+    return names, _socket_inodes(targets), 0 < len(targets) == count
 
 
 def _socket_inode(target: str) -> int:
     """The socket inode of a descriptor's link, 0 if it is not a socket."""
     return int(target[8:-1]) if target.startswith("socket:[") else 0
+
+
+def _socket_inodes(targets: list[str]) -> array[int]:
+    """``_socket_inode`` of each of ``targets``, without a call each."""
+    return array("Q", [int(target[8:-1]) if target.startswith("socket:[") else 0
+                       for target in targets])
 
 
 def _start_time(base: str) -> str:

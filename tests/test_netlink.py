@@ -676,6 +676,23 @@ def test_rows_copied_through_layouts_equal_rows_packed_from_walks() -> None:
     assert kept[1][1]["pid"] == 1 and kept[0][1]["pid"] is None and kept[0][0] == 7
 
 
+def test_tcp_record_takes_the_members_in_their_order() -> None:
+    """A SocketTcpInfo record has the _TCP_NAMES members in their order, then the congestion
+    name; an unlimited pacing rate and a zero delivery rate are None."""
+    names = [*netlink._TCP_NAMES, "congestion"]
+    info = tuple(range(1, len(netlink._TCP_NAMES) + 1))
+    record = vars(netlink._TcpRecord(info, "cubic"))
+    assert list(record) == names and list(record.values()) == [*info, "cubic"]
+    rates = dict(zip(netlink._TCP_NAMES, info, strict=True))
+    for pacing, delivery, expected in ((netlink._PACING_UNLIMITED, 0, (None, None)),
+                                       (netlink._PACING_UNLIMITED - 1, 5,
+                                        (netlink._PACING_UNLIMITED - 1, 5))):
+        rates.update(pacing_rate=pacing, delivery_rate=delivery)
+        record = vars(netlink._TcpRecord(tuple(rates.values()), None))
+        assert list(record) == names and record["congestion"] is None
+        assert (record["pacing_rate"], record["delivery_rate"]) == expected
+
+
 def test_records_from_layouts_equal_records_from_walks() -> None:
     """The records a snapshot builds through layouts equal those built by walking every
     message (a _Dump that names no layout), and those rebuilt from what is kept of them."""

@@ -141,11 +141,19 @@ def test_a_first_read_without_a_listing_finds_what_a_listing_finds() -> None:
         for child in children:
             directory = os.open(f"/proc/{child.pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
             try:
-                wholes.append(_read_dense(directory)[2])
+                names, inodes, whole = _read_dense(directory)
+                wholes.append(whole)
+                links = {}
                 for fd in os.listdir(directory):
                     target = os.readlink(fd, dir_fd=directory)
-                    if target.startswith("socket:["):
-                        sockets[int(target[8:-1])] = child.pid
+                    links[fd] = int(target[8:-1]) if target.startswith("socket:[") else 0
+                    if links[fd]:
+                        sockets[links[fd]] = child.pid
+                # the descriptors read before the first one not open, with their inodes
+                assert names == [str(fd) for fd in range(len(names))]
+                assert dict(zip(names, inodes, strict=True)) == {
+                    name: links[name] for name in names}
+                assert len(names) == (8 if whole else 3)  # the gap: descriptor 3
             finally:
                 os.close(directory)
         assert wholes == [True, False] and len(sockets) == 10
