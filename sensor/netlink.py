@@ -51,7 +51,7 @@ U64_MAX = (1 << 64) - 1
 CONTAINERS_REMEMBERED = 4096
 TCP_STATES = ("UNKNOWN", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
               "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV")
-TIME_WAIT = TCP_STATES.index("TIME_WAIT")
+TIME_WAIT, ESTABLISHED = TCP_STATES.index("TIME_WAIT"), TCP_STATES.index("ESTABLISHED")
 DUMPS = ((socket.AF_INET, socket.IPPROTO_TCP, "tcp", "ipv4"),
          (socket.AF_INET6, socket.IPPROTO_TCP, "tcp", "ipv6"),
          (socket.AF_INET, socket.IPPROTO_UDP, "udp", "ipv4"),
@@ -86,6 +86,8 @@ _TCP_LAYOUT = [(_TCP_MEMBERS.get(member), fmt) for member, fmt in inet_diag_msg.
 _TCP_INFO = struct.Struct("=" + "".join(
     fmt if name else f"{struct.calcsize('=' + fmt)}x" for name, fmt in _TCP_LAYOUT))
 _TCP_NAMES = tuple(name for name, _ in _TCP_LAYOUT if name)
+# the tcp_info members that tell an idle socket (see _idle)
+_IDLE_MEMBERS = ("last_data_sent_ms", "last_data_recv_ms")
 _DIAG_HEAD = struct.Struct("=xB42xQ4xIIII")  # state, cookie, rqueue, wqueue, uid, inode
 # inet_diag_msg from its id: ports (network byte order: 2 bytes each, most significant first;
 # socket.ntohs parses its argument at each call), addresses, interface
@@ -172,6 +174,10 @@ class _Layout:
     cgroup_id: int | None
     flags: int  # of its _ROW (_HAS_CGROUP, _HAS_TCP)
     row: _RowSource = field(compare=False)
+    # for the sensor's first snapshot, which keeps idle sockets without reading the rest: the
+    # tcp_info members that tell (_IDLE_MEMBERS), and the cgroup id, if there
+    activity: struct.Struct | None = field(compare=False)
+    cgroup: struct.Struct | None = field(compare=False)
 
 
 # A socket of a dump as a snapshot keeps it: its head (see DiagMessage), data, offset, end and
@@ -349,7 +355,11 @@ def _layout(data: bytes, offset: int, end: int, family: int, attrs: list[tuple[i
                    _struct_at(values), tcp_info, congestion, cgroup_id,
                    (_HAS_CGROUP if cgroup_at is not None else 0)
                    | (_HAS_TCP if tcp_at is not None else 0),
-                   _RowSource.of(tcp_at, congestion_at, cgroup_at))
+                   _RowSource.of(tcp_at, congestion_at, cgroup_at),
+                   None if tcp_at is None else _struct_at(
+                       [(tcp_at + at, "I") for at in sorted(_TCP_OFFSETS[name]
+                                                            for name in _IDLE_MEMBERS)]),
+                   None if cgroup_at is None else _struct_at([(cgroup_at, "Q")]))
 
 
 @dataclass(frozen=True)
@@ -585,6 +595,7 @@ class _Snapshot:
     now_ms: int
     every: int  # idle sockets are republished every ``every`` snapshots
     owners: Owners
+    idle_ms: int | None = None  # the sensor's first snapshot: idle sockets wait for their turn
     processes: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     containers: dict[int, ContainerRef | None] = field(default_factory=dict)
 
@@ -617,6 +628,15 @@ def _signature(head: tuple[int, ...], pid: int | None) -> int:
     """What tells that a socket changed: its head (see DiagMessage) and owner (unsigned: see
     _Copies)."""
     return hash((head, pid)) & U64_MAX
+
+
+def _idle(state: int, layout: _Layout, message: Message, idle_ms: int) -> bool:
+    """Whether a TCP socket of ``layout`` is idle: in TIME_WAIT, or ESTABLISHED with no data
+    sent or received for ``idle_ms``."""
+    if state == TIME_WAIT:
+        return True
+    return state == ESTABLISHED and layout.activity is not None \
+        and min(layout.activity.unpack_from(message[1], message[2])) >= idle_ms
 
 
 def _row(netns: int, pid: int | None, dump: _Dump, message: Message) -> tuple[Any, ...]:
@@ -922,7 +942,8 @@ class NetlinkSensor:
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
         self._count += 1
-        state = _Snapshot(now_ms, max(1, options.unchanged_every), self._owners.read())
+        state = _Snapshot(now_ms, max(1, options.unchanged_every), self._owners.read(),
+                          round(options.interval_s * 1000) if self._count == 1 else None)
         kept = self._kept
         kept.begin()
         host = options.host_name
@@ -983,27 +1004,49 @@ class NetlinkSensor:
                 slot: int, owner: int) -> tuple[str, dict[str, Any]] | None:
         """The SOCKET event of ``message`` if it is to be published (new, changed, or its
         turn among the idle ones); keeps what is kept of it in its ``slot`` (-1: new).
-        ``owner``: the pid holding it (-1: none)."""
-        head = message[0]
+        ``owner``: the pid holding it (-1: none).
+
+        On the sensor's first snapshot an idle socket (see _idle) waits for its turn too: it
+        is kept (its process and container looked up, the rest of the message not read), and
+        published within ``unchanged_every`` snapshots, at once if it changes. A start on a
+        host with many idle connections so costs about what a later snapshot does, and does
+        not send them all at once."""
+        head, data, offset, end, index = message
         cookie = head[1]
         pid = owner if owner >= 0 else None
         signature = _signature(head, pid)
         kept = self._kept
-        if slot >= 0 and kept.signatures[slot] == signature \
-                and (self._count + cookie) % state.every:
+        turn = not (self._count + cookie) % state.every
+        if slot >= 0 and kept.signatures[slot] == signature and not turn:
             kept.seen[slot] = 1
             return None
-        record, process, container_id = self._socket_record(dump, message, namespace, state,
-                                                            pid)
-        slot = kept.store(cookie, slot, signature, process, container_id)
+        layout = dump.layouts[index] if index >= 0 else None
+        if not turn and state.idle_ms is not None and layout is not None \
+                and _idle(head[0], layout, message, state.idle_ms):
+            cgroup_id = layout.cgroup.unpack_from(data, offset)[0] if layout.cgroup else None
+            self._keep(dump, message, namespace, slot, signature, pid,
+                       *self._owner(pid, cgroup_id, namespace, state))
+            return None
+        fields = _fields(dump.family, data, offset, end, layout)
+        process, container_id = self._owner(pid, fields[-1], namespace, state)
+        self._keep(dump, message, namespace, slot, signature, pid, process, container_id)
+        record = _record(dump.transport, dump.family_name, head, fields, pid, process,
+                         container_id)
+        return f"{self.options.host_name}:{cookie}", self._event(
+            "SOCKET", state.now_ms, namespace.inode, record, None)
+
+    def _keep(self, dump: _Dump, message: Message, namespace: Namespace, slot: int,
+              signature: int, pid: int | None, process: dict[str, Any] | None,
+              container_id: str | None) -> None:
+        """Keep what is kept of a socket in its ``slot`` (-1: new)."""
+        kept = self._kept
+        slot = kept.store(message[0][1], slot, signature, process, container_id)
         index = message[4]
         if index >= 0:
             kept.copy(slot, namespace.inode, pid, dump.kind, message[1], message[2],
                       dump.layouts[index])
         else:
             kept.write(slot, _row(namespace.inode, pid, dump, message))
-        return f"{self.options.host_name}:{cookie}", self._event(
-            "SOCKET", state.now_ms, namespace.inode, record, None)
 
     def _namespace_error(self, namespace: Namespace, error: OSError) -> None:
         if namespace.host:
@@ -1037,14 +1080,9 @@ class NetlinkSensor:
                 for message in _dump(sock, family, protocol, kind + 1, dump.layouts, states):
                     yield dump, message
 
-    def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
-                       state: _Snapshot, pid: int | None
-                       ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
-        """The SocketSnapshot record of a message, its process and container id."""
-        head, data, offset, end, index = message
-        fields = _fields(dump.family, data, offset, end,
-                         dump.layouts[index] if index >= 0 else None)
-        cgroup_id = fields[-1]
+    def _owner(self, pid: int | None, cgroup_id: int | None, namespace: Namespace,
+               state: _Snapshot) -> tuple[dict[str, Any] | None, str | None]:
+        """The process and container id of a socket held by ``pid`` in cgroup ``cgroup_id``."""
         if pid is None:
             process = None
         else:
@@ -1066,8 +1104,7 @@ class NetlinkSensor:
             self._containers_seen.add(container_id)
             if self.options.on_container is not None:
                 self.options.on_container(container_id)
-        return _record(dump.transport, dump.family_name, head, fields, pid, process,
-                       container_id), process, container_id
+        return process, container_id
 
     def _links(self, namespace: Namespace) -> list[dict[str, Any]]:
         with IPRoute(fileno=self._open(namespace, NETLINK_ROUTE)) as ipr:

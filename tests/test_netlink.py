@@ -693,6 +693,19 @@ def test_tcp_record_takes_the_members_in_their_order() -> None:
         assert (record["pacing_rate"], record["delivery_rate"]) == expected
 
 
+def _socket_record(sensor: NetlinkSensor, dump: netlink._Dump, message: netlink.Message,
+                   namespace: Any, state: netlink._Snapshot, pid: int | None
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+    """The SocketSnapshot record a snapshot publishes for ``message``, its process and
+    container id."""
+    head, data, offset, end, index = message
+    fields = netlink._fields(dump.family, data, offset, end,
+                             dump.layouts[index] if index >= 0 else None)
+    process, container_id = sensor._owner(pid, fields[-1], namespace, state)
+    return (netlink._record(dump.transport, dump.family_name, head, fields, pid, process,
+                            container_id), process, container_id)
+
+
 def test_records_from_layouts_equal_records_from_walks() -> None:
     """The records a snapshot builds through layouts equal those built by walking every
     message (a _Dump that names no layout), and those rebuilt from what is kept of them."""
@@ -710,10 +723,10 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
     for dump, message in found:
         walked = netlink._Dump(dump.kind, dump.transport, dump.family_name, dump.family, [])
         pid = state.owners.get(message[0][5])
-        record, process, container_id = sensor._socket_record(dump, message, namespace,
-                                                              state, pid)
-        assert record == sensor._socket_record(walked, (*message[:4], -1), namespace, state,
-                                               pid)[0]
+        record, process, container_id = _socket_record(sensor, dump, message, namespace,
+                                                       state, pid)
+        assert record == _socket_record(sensor, walked, (*message[:4], -1), namespace, state,
+                                        pid)[0]
         # what is kept for the socket's SOCKET_CLOSED gives the same record again, whether its
         # row is copied through its layout (with the rows of the messages after it) or packed
         # from a walk
@@ -738,8 +751,8 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
     for (dump, message), (ns, kept_dump, copy) in zip(found, waiting.messages(), strict=True):
         assert ns is namespace and kept_dump is dump and copy[0] == message[0]
         pid = state.owners.get(message[0][5])
-        assert sensor._socket_record(dump, copy, namespace, state, pid)[0] == \
-            sensor._socket_record(dump, message, namespace, state, pid)[0]
+        assert _socket_record(sensor, dump, copy, namespace, state, pid)[0] == \
+            _socket_record(sensor, dump, message, namespace, state, pid)[0]
     copied.flush()
     assert compared >= 20 and copied.rows == written.rows
     assert {("tcp", "ipv4", True, True), ("tcp", "ipv6", True, True),
@@ -954,3 +967,71 @@ def test_redact_configured_patterns() -> None:
     assert redact(["x", "--license=L", "-k", "K", "--password=p"], rules) == [
         "x", f"--license={REDACTED}", "-k", REDACTED, "--password=p"]
 
+
+def test_first_snapshot_defers_idle_sockets() -> None:
+    """On the sensor's first snapshot a socket idle for an interval waits for its turn among the
+    idle ones (published within ``unchanged_every`` snapshots), a busy one is published at
+    once, and one closed before its turn is published as SOCKET_CLOSED with its values."""
+    every = 4
+    server = socket.create_server(("127.0.0.1", 0))
+    pairs = []
+    for _ in range(16):
+        client = socket.create_connection(server.getsockname())
+        pairs.append((client, server.accept()[0]))
+    ports = {(s.getsockname()[1], s.getpeername()[1]): index
+             for index, pair in enumerate(pairs) for s in pair}
+    sensor = NetlinkSensor(NetlinkOptions(host_name="h", interval_s=0.5, interfaces=False,
+                                          udp=False, other_namespaces=False,
+                                          unchanged_every=every))
+    stop = threading.Event()
+
+    def exchange(pair: tuple[socket.socket, socket.socket]) -> None:
+        while not stop.wait(0.02):
+            pair[0].sendall(b"x")
+            pair[1].recv(10)
+
+    def snapshot() -> dict[tuple[str, tuple[int, int]], dict[str, Any]]:
+        return {(value["kind"], (sock["local_port"], sock["remote_port"])): sock
+                for _, value in sensor.snapshot()
+                if (sock := value["socket"]) is not None
+                and (sock["local_port"], sock["remote_port"]) in ports}
+
+    pump = threading.Thread(target=exchange, args=(pairs[0],))
+    pump.start()
+    try:
+        time.sleep(1.0)  # the others idle for two intervals
+        first = snapshot()
+        assert {kind for kind, _ in first} == {"SOCKET"}
+        published = {key: 1 for _, key in first}
+        busy_ports = {key for key, index in ports.items() if index == 0}
+        assert busy_ports <= set(published)
+        # an idle socket not yet published, closed before its turn
+        closed = next(key for key, index in ports.items()
+                      if key not in published and index != 0)
+        _linger_close(pairs[ports[closed]][0])
+        _linger_close(pairs[ports[closed]][1])
+        closed_ports = {key for key, index in ports.items() if index == ports[closed]}
+        time.sleep(0.2)
+        later = [snapshot() for _ in range(every - 1)]
+        assert {key for kind, key in later[0] if kind == "SOCKET_CLOSED"} == closed_ports
+        assert all(later[0]["SOCKET_CLOSED", key]["state"] == "ESTABLISHED"
+                   and later[0]["SOCKET_CLOSED", key]["pid"] == os.getpid()
+                   and later[0]["SOCKET_CLOSED", key]["process"]["pid"] == os.getpid()
+                   for key in closed_ports)
+        for count, found in enumerate(later, start=2):
+            for kind, key in found:
+                if kind == "SOCKET":
+                    published.setdefault(key, count)
+        assert set(published) | closed_ports == set(ports)
+        for key, count in published.items():
+            cookie = (first.get(("SOCKET", key)) or later[count - 2]["SOCKET", key])["cookie"]
+            if key not in busy_ports:  # an idle one: at its turn
+                assert (count + cookie) % every == 0, (key, count, cookie)
+        assert len(published) > len(first)  # some did wait
+    finally:
+        stop.set()
+        pump.join()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        server.close()
