@@ -34,7 +34,7 @@ JSON_PLAIN = (orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
               | orjson.OPT_PASSTHROUGH_SUBCLASS)
 # Fields whose values are shared dicts that nobody changes once made: the process records of the
 # eBPF sensor's owners (one per process and OWNER_TTL_NS, see sensor.ebpf.EbpfSensor._owner) and
-# of the Netlink sensor's sockets (one per process and snapshot, see NetlinkSensor._process).
+# of the Netlink sensor's sockets (one per process and snapshot, see NetlinkSensor._owner).
 SHARED_FIELDS: dict[str, tuple[str, ...]] = {"packetless.EbpfEvent": ("process",),
                                               "packetless.NetlinkEvent": ("socket.process",)}
 # Fields whose values recur from record to record, as new dicts each time: the processes and

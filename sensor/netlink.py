@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -534,8 +534,9 @@ class _SocketRecord:
     tcp: dict[str, Any] | None
 
 
-def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     """``items`` in lists of ``size`` (the last one shorter)."""
+    items = iter(items)
     while batch := list(itertools.islice(items, size)):
         yield batch
 
@@ -762,6 +763,8 @@ class _KeptSockets:
               container_id: str | None) -> int:
         """Keep ``cookie`` in ``slot`` (-1: a new socket, given a free slot), which is returned;
         its row is to be given next (``write`` or ``copy``)."""
+        if slot >= 0 and self.seen[slot]:
+            self.flush()  # dumped twice in one snapshot: its first row is not to be copied last
         if slot < 0:
             if not self._free:
                 self._grow()
@@ -1011,7 +1014,7 @@ class NetlinkSensor:
         published within ``unchanged_every`` snapshots, at once if it changes. A start on a
         host with many idle connections so costs about what a later snapshot does, and does
         not send them all at once."""
-        head, data, offset, end, index = message
+        head, data, offset, _end, index = message
         cookie = head[1]
         pid = owner if owner >= 0 else None
         signature = _signature(head, pid)
@@ -1027,11 +1030,9 @@ class NetlinkSensor:
             self._keep(dump, message, namespace, slot, signature, pid,
                        *self._owner(pid, cgroup_id, namespace, state))
             return None
-        fields = _fields(dump.family, data, offset, end, layout)
-        process, container_id = self._owner(pid, fields[-1], namespace, state)
+        record, process, container_id = self._socket_record(dump, message, namespace, state,
+                                                            pid)
         self._keep(dump, message, namespace, slot, signature, pid, process, container_id)
-        record = _record(dump.transport, dump.family_name, head, fields, pid, process,
-                         container_id)
         return f"{self.options.host_name}:{cookie}", self._event(
             "SOCKET", state.now_ms, namespace.inode, record, None)
 
@@ -1079,6 +1080,17 @@ class NetlinkSensor:
                 dump = _Dump(kind, transport, family_name, family, [])
                 for message in _dump(sock, family, protocol, kind + 1, dump.layouts, states):
                     yield dump, message
+
+    def _socket_record(self, dump: _Dump, message: Message, namespace: Namespace,
+                       state: _Snapshot, pid: int | None
+                       ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
+        """The SocketSnapshot record of a message, its process and container id."""
+        head, data, offset, end, index = message
+        fields = _fields(dump.family, data, offset, end,
+                         dump.layouts[index] if index >= 0 else None)
+        process, container_id = self._owner(pid, fields[-1], namespace, state)
+        return _record(dump.transport, dump.family_name, head, fields, pid, process,
+                       container_id), process, container_id
 
     def _owner(self, pid: int | None, cgroup_id: int | None, namespace: Namespace,
                state: _Snapshot) -> tuple[dict[str, Any] | None, str | None]:

@@ -565,6 +565,14 @@ def test_layouts_read_what_the_walk_reads() -> None:
             assert msg.layout is not None, walked
             layouts.setdefault(transport, set()).add(msg.layout.expected[3:])
             assert (walked.tcp_info is not None) == (transport == "tcp" and msg.state != 6)
+        if msg.layout is not None:  # what a first snapshot reads of an idle socket
+            activity, cgroup = msg.layout.activity, msg.layout.cgroup
+            assert (activity.unpack_from(msg.data, msg.offset) if activity else None) == (
+                None if walked.tcp_info is None else
+                tuple(walked.tcp_info[netlink._TCP_NAMES.index(name)]
+                      for name in ("last_data_sent_ms", "last_data_recv_ms")))
+            assert (cgroup.unpack_from(msg.data, msg.offset)[0] if cgroup else None) == \
+                walked.cgroup_id
     assert {msg.inode for _, msg in found} >= inodes
     assert {netlink.details(m).congestion for _, m in found if m.inode in inodes} >= {"reno", None}
     # established, TIME_WAIT, another congestion name's length, IPv6 listeners (their v6only
@@ -674,6 +682,18 @@ def test_rows_copied_through_layouts_equal_rows_packed_from_walks() -> None:
     assert [record["cookie"] for _, record in kept] == [m.cookie for m in found]
     assert {record["tcp"]["congestion"] for _, record in kept} == {"cubic", "a-congestion-nam"}
     assert kept[1][1]["pid"] == 1 and kept[0][1]["pid"] is None and kept[0][0] == 7
+    # a kept socket dumped twice in one snapshot through two layouts, after another socket of
+    # the first: its row is the one of its last message
+    slot_x, slot_s = copied.find([found[0].cookie, found[1].cookie])
+    copied.begin()
+    for slot, m in ((slot_x, found[0]), (slot_s, found[2]), (slot_s, found[3])):
+        copied.copy(copied.store(m.cookie, slot, 0, None, None), 7, None, dump.kind, m.data,
+                    m.offset, m.layout)
+    copied.flush()
+    last = found[3]
+    assert copied.rows[slot_s * netlink._ROW.size:(slot_s + 1) * netlink._ROW.size] == \
+        netlink._ROW.pack(*netlink._row(7, None, dump, (last.head, last.data, last.offset,
+                                                        last.end, -1)))
 
 
 def test_tcp_record_takes_the_members_in_their_order() -> None:
@@ -693,19 +713,6 @@ def test_tcp_record_takes_the_members_in_their_order() -> None:
         assert (record["pacing_rate"], record["delivery_rate"]) == expected
 
 
-def _socket_record(sensor: NetlinkSensor, dump: netlink._Dump, message: netlink.Message,
-                   namespace: Any, state: netlink._Snapshot, pid: int | None
-                   ) -> tuple[dict[str, Any], dict[str, Any] | None, str | None]:
-    """The SocketSnapshot record a snapshot publishes for ``message``, its process and
-    container id."""
-    head, data, offset, end, index = message
-    fields = netlink._fields(dump.family, data, offset, end,
-                             dump.layouts[index] if index >= 0 else None)
-    process, container_id = sensor._owner(pid, fields[-1], namespace, state)
-    return (netlink._record(dump.transport, dump.family_name, head, fields, pid, process,
-                            container_id), process, container_id)
-
-
 def test_records_from_layouts_equal_records_from_walks() -> None:
     """The records a snapshot builds through layouts equal those built by walking every
     message (a _Dump that names no layout), and those rebuilt from what is kept of them."""
@@ -723,9 +730,9 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
     for dump, message in found:
         walked = netlink._Dump(dump.kind, dump.transport, dump.family_name, dump.family, [])
         pid = state.owners.get(message[0][5])
-        record, process, container_id = _socket_record(sensor, dump, message, namespace,
+        record, process, container_id = sensor._socket_record(dump, message, namespace,
                                                        state, pid)
-        assert record == _socket_record(sensor, walked, (*message[:4], -1), namespace, state,
+        assert record == sensor._socket_record(walked, (*message[:4], -1), namespace, state,
                                         pid)[0]
         # what is kept for the socket's SOCKET_CLOSED gives the same record again, whether its
         # row is copied through its layout (with the rows of the messages after it) or packed
@@ -751,8 +758,8 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
     for (dump, message), (ns, kept_dump, copy) in zip(found, waiting.messages(), strict=True):
         assert ns is namespace and kept_dump is dump and copy[0] == message[0]
         pid = state.owners.get(message[0][5])
-        assert _socket_record(sensor, dump, copy, namespace, state, pid)[0] == \
-            _socket_record(sensor, dump, message, namespace, state, pid)[0]
+        assert sensor._socket_record(dump, copy, namespace, state, pid)[0] == \
+            sensor._socket_record(dump, message, namespace, state, pid)[0]
     copied.flush()
     assert compared >= 20 and copied.rows == written.rows
     assert {("tcp", "ipv4", True, True), ("tcp", "ipv6", True, True),
