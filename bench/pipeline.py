@@ -37,30 +37,36 @@ from packetless.topics import TOPICS, topic_name
 HOST = "bench-synthetic"
 WORKER_TARGET = 20_000  # raw events/s per worker
 LATENCY_TARGET_MS = 2000  # p99 from a socket's close to its END on packetless.flows
+FLOW_SPACING_NS = 50_000  # between the connects of consecutive synthetic flows
 
 
 # ---- 3b: worker throughput ---------------------------------------------------------------
 
 def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
     """START and END of both sockets (client, server) of ``n_flows`` flows, as raw.ebpf records,
-    each with its process as the sensor attributes it."""
+    each with its process as the sensor attributes it. As real ones, the flows have times of
+    their own (``FLOW_SPACING_NS`` apart, in the recent past), the server accepts a little after
+    the client connects, and they last from 1 to 11 ms: the worker formats as many distinct
+    times as it would for real traffic (``ecs.iso`` caches them)."""
     base = schemas.defaults("EbpfEvent")
-    now = time.time_ns()
+    first = time.time_ns() - n_flows * FLOW_SPACING_NS - 1_000_000_000
     process = {**schemas.defaults("Process"), "tid": 0, "uid": 1000, "gid": 1000,
                "user_name": "bench", "group_name": "bench", "ppid": 1, "parent_name": "init",
-               "start_time_ms": now // 1_000_000, "cgroup_id": 1, "cgroup_path": "/"}
+               "start_time_ms": first // 1_000_000, "cgroup_id": 1, "cgroup_path": "/"}
     out = []
     for i in range(n_flows):
         cport, sport = 32768 + i % 28000, 8000 + i // 28000
         cip = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
-        for side, cookie, lip, lport, rip, rport in (
-                ("CLIENT", 2 * i + 1, cip, cport, "10.255.0.1", sport),
-                ("SERVER", 2 * i + 2, "10.255.0.1", sport, cip, cport)):
+        connect = first + i * FLOW_SPACING_NS + i * 7919 % 1000
+        duration = 1_000_000 + i * 104_729 % 10_000_000
+        for side, cookie, lip, lport, rip, rport, opened in (
+                ("CLIENT", 2 * i + 1, cip, cport, "10.255.0.1", sport, connect),
+                ("SERVER", 2 * i + 2, "10.255.0.1", sport, cip, cport, connect + 31_337)):
             for kind in ("START", "END"):
                 rec = dict(base)
-                ts = now + (1_000_000 if kind == "END" else 0)
+                ts = opened + (duration if kind == "END" else 0)
                 rec.update(event_id=f"{cookie}-{kind}", type=kind, host_name=HOST, boot_id="bench",
-                           cookie=cookie, timestamp_ns=ts, start_ns=now, transport="tcp",
+                           cookie=cookie, timestamp_ns=ts, start_ns=opened, transport="tcp",
                            family="ipv4", role=side, local_ip=lip, local_port=lport,
                            remote_ip=rip, remote_port=rport, bytes_sent=100 + i,
                            bytes_received=200 + i, packets_sent=3, packets_received=3,
@@ -69,7 +75,7 @@ def synthetic(n_flows: int) -> list[tuple[str, dict[str, Any]]]:
                                     "comm": side.lower(), "exe": f"/usr/bin/{side.lower()}",
                                     "args": [f"/usr/bin/{side.lower()}", "--port", str(sport)]})
                 if kind == "END":
-                    rec.update(duration_ns=ts - now, reason="CLOSED", previous_state="FIN_WAIT2")
+                    rec.update(duration_ns=ts - opened, reason="CLOSED", previous_state="FIN_WAIT2")
                 out.append((f"{HOST}:{cookie}", rec))
     return out
 

@@ -38,13 +38,12 @@ instead of closing them on the wall clock before their activity came.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import threading
 import time
 import weakref
 import zlib
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,6 +81,7 @@ from streams import ecs, ocsf
 from streams.flows import (
     Activity,
     Clock,
+    DueIndex,
     Emission,
     FlowConfig,
     FlowState,
@@ -464,7 +464,7 @@ class Worker:
         self.metrics = Metrics()
         self.latest: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         # partition -> flow key -> next due (processing ms, watermark ns): see ``next_due``
-        self.due: dict[int, dict[bytes, tuple[int, int]]] = {}
+        self.due: defaultdict[int, DueIndex] = defaultdict(DueIndex)
         self.marks: dict[int, dict[tuple[str, int], int]] = {}  # partition -> raw progress
         self.watermarks: dict[int, int] = {}  # partition -> its watermark (module docstring)
         # activity partition -> flows partition -> its latest watermark
@@ -696,7 +696,7 @@ class Worker:
             for emission in due(state, clock, self.options.flow, sig, peer is not None
                                 and self.local.may_be_local(state.host, peer, own)):
                 self.publish_flow(state, emission, now)
-            index = self.due.setdefault(state.partition, {})
+            index = self.due[state.partition]
             incomplete = self.incomplete.setdefault(state.partition, set())
             lingering = self.lingering.setdefault(state.partition, set())
             if expired(state, clock, self.options.flow):
@@ -732,14 +732,15 @@ class Worker:
     def flows_tick(self, event: Any, now: int, batch: FlowBatch) -> None:
         """Flow timeouts of one partition: the flows whose next due time has come (by the
         processing time or by the watermark) join the batch (START after the join delay,
-        UPDATE, END, forget), at most ``FLOW_BATCH`` a tick, the longest due first.
+        UPDATE, END, forget), at most ``FLOW_BATCH`` a tick, the longest due first. The index
+        (``DueIndex``) finds them without a pass over every live flow of the partition.
 
         The index is rebuilt from the table when the partition is (re)assigned, and flows
         lacking metadata are revisited when the metadata changed. An ended flow with all its
         metadata that is not in the batch has nothing left to emit: once due it is deleted
         unread."""
         partition = event.message.partition
-        index = self.due.setdefault(partition, {})
+        index = self.due[partition]
         if partition not in self.indexed:
             for key, data in self.flows.items():
                 stored = _state(data)
@@ -750,11 +751,8 @@ class Worker:
             self.meta_seen[partition] = self.meta.version
             for key in self.incomplete.get(partition, set()):
                 index[key] = (0, 0)
-        watermark = self.watermarks.get(partition, 0)
-        ready = {k: min(ms - now, (ns - watermark) // 1_000_000)
-                 for k, (ms, ns) in index.items() if ms <= now or ns <= watermark}
         lingering = self.lingering.get(partition, set())
-        for key in heapq.nsmallest(FLOW_BATCH, ready, key=ready.__getitem__):
+        for key in index.ready(now, self.watermarks.get(partition, 0), FLOW_BATCH):
             batch.size += 1
             if key in lingering and key not in batch.flows:
                 batch.writes.append((event, key, None))

@@ -6,15 +6,16 @@ Waiting for more events (join delay, END grace, idle timeout, linger) counts eve
 a watermark (``Clock``): a worker behind its input, which reads a flow's two sockets far apart,
 does not END a flow whose peer it simply has not read yet; a caught-up worker, whose watermark
 is the wall clock, ENDs on time. Only the active timeout (how often UPDATEs go out) counts
-processing time.
+processing time. ``DueIndex`` finds the flows whose next due time (``next_due``) has come.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any
@@ -573,3 +574,81 @@ def next_due(state: FlowState, cfg: FlowConfig) -> tuple[int, int]:
     if state.dirty and not any(s.closed for s in state.sockets.values()):
         return state.emitted_ms + round(cfg.active_timeout_s * 1000), when
     return NEVER, when
+
+
+class DueIndex(MutableMapping[bytes, tuple[int, int]]):
+    """Flow key -> its next due time (processing ms, watermark ns; see ``next_due``), and the
+    keys due by a clock (``ready``) in O((due + stale) log n) rather than a pass over every key:
+    one heap of (time, key) per clock. The mapping is the truth: a heap entry counts while it
+    equals its key's time (a key set to another time leaves its older entries behind, dropped
+    when they come up); a heap holding more than twice as many entries as there are keys, plus
+    ``SLACK``, is rebuilt from the mapping, so that keys set often do not grow it without bound.
+    Every key has its current entry in each heap whose time is not ``NEVER``."""
+
+    SLACK = 1024
+
+    def __init__(self) -> None:
+        self.times: dict[bytes, tuple[int, int]] = {}
+        self.heaps: tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]] = ([], [])
+
+    def __getitem__(self, key: bytes) -> tuple[int, int]:
+        return self.times[key]
+
+    def __setitem__(self, key: bytes, when: tuple[int, int]) -> None:
+        old = self.times.get(key)
+        self.times[key] = when
+        for clock, heap in enumerate(self.heaps):
+            if when[clock] < NEVER and (old is None or old[clock] != when[clock]):
+                heapq.heappush(heap, (when[clock], key))
+                self._compact(clock)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.times[key]
+        self._compact(0)
+        self._compact(1)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.times)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.times
+
+    def _compact(self, clock: int) -> None:
+        if len(self.heaps[clock]) > 2 * len(self.times) + self.SLACK:
+            heap = [(when[clock], key) for key, when in self.times.items() if when[clock] < NEVER]
+            heapq.heapify(heap)
+            self.heaps[clock][:] = heap
+
+    def ready(self, now_ms: int, watermark_ns: int, limit: int) -> list[bytes]:
+        """The keys due by the processing time ``now_ms`` (their ms has come) or the watermark
+        ``watermark_ns`` (their ns has), at most ``limit``, the longest due first: by the
+        whole milliseconds since the sooner of the two (ties: by processing time first, then
+        by the exact time, then by key). Their entries stay: a key is due again until set."""
+        heaps = self.heaps
+        taken: dict[bytes, None] = {}  # in order
+        kept: tuple[set[bytes], set[bytes]] = (set(), set())  # keys whose entry was put aside
+        aside: list[tuple[int, tuple[int, bytes]]] = []
+        while len(taken) < limit:
+            late_ms = heaps[0][0][0] - now_ms if heaps[0] and heaps[0][0][0] <= now_ms else None
+            late_ns = ((heaps[1][0][0] - watermark_ns) // 1_000_000
+                       if heaps[1] and heaps[1][0][0] <= watermark_ns else None)
+            if late_ns is not None and (late_ms is None or late_ns < late_ms):
+                clock = 1
+            elif late_ms is not None:
+                clock = 0
+            else:
+                break
+            entry = heapq.heappop(heaps[clock])
+            when, key = entry
+            current = self.times.get(key)
+            if current is None or current[clock] != when or key in kept[clock]:
+                continue  # stale, or a second entry of the same time
+            kept[clock].add(key)
+            aside.append((clock, entry))
+            taken[key] = None
+        for clock, entry in aside:
+            heapq.heappush(heaps[clock], entry)
+        return list(taken)

@@ -1,12 +1,15 @@
 """Pure logic of the stream worker: flow merging (duplicates, reordering, both ends, tuple
-reuse), flow events, ECS/OCSF documents, Community ID vectors, and the window statistics."""
+reuse), flow events, ECS/OCSF documents, Community ID vectors, the window statistics, and the
+flows stage's choice of the flows due at a tick."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import random
+from collections import defaultdict
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import communityid
@@ -21,6 +24,7 @@ from streams import ecs, ocsf
 from streams.flows import (
     NEVER,
     Clock,
+    DueIndex,
     Emission,
     FlowConfig,
     FlowState,
@@ -596,25 +600,27 @@ def test_ip_text_is_read_as_ipaddress_reads_it(ip: str) -> None:
     assert (normalize_ip(ip), network(ip)) == _by_ipaddress(ip)
 
 
+class Event:  # Faust's events (the table reads the current one's partition by weak reference)
+    def __init__(self, partition: int) -> None:
+        self.message = SimpleNamespace(partition=partition)
+
+
+class Table(dict[bytes, bytes]):
+    """A flows table that notes which keys were read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[bytes] = []
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        self.reads.append(key)
+        return super().get(key, default)
+
+
 def test_flows_not_in_an_indexed_partition_are_not_looked_up() -> None:
     """The flows stage reads a flow from the table unless its partition's index (every flow of
     the partition's table once indexed) says that the table has none."""
-    from types import SimpleNamespace
-
     from streams.app import FlowBatch, Worker
-
-    class Event:  # Faust's events (the table reads the current one's partition by weak reference)
-        def __init__(self, partition: int) -> None:
-            self.message = SimpleNamespace(partition=partition)
-
-    class Table(dict[bytes, bytes]):
-        def __init__(self) -> None:
-            super().__init__()
-            self.reads: list[bytes] = []
-
-        def get(self, key: bytes, default: Any = None) -> Any:
-            self.reads.append(key)
-            return super().get(key, default)
 
     worker = Worker.__new__(Worker)
     worker.flows = Table()  # type: ignore[assignment]
@@ -629,3 +635,136 @@ def test_flows_not_in_an_indexed_partition_are_not_looked_up() -> None:
     other = Event(2)  # not indexed yet
     assert worker._load(other, b"elsewhere", FlowBatch()).state is None
     assert worker.flows.reads == [b"known", b"elsewhere"]  # type: ignore[attr-defined]
+
+
+def _lateness(when: tuple[int, int], now_ms: int, watermark_ns: int) -> int | None:
+    """How many ms a flow is due (negative), as the flows stage orders them; None: not due."""
+    ms, ns = when
+    if ms > now_ms and ns > watermark_ns:
+        return None
+    return min(ms - now_ms, (ns - watermark_ns) // 1_000_000)
+
+
+TIMES = st.one_of(st.just(NEVER), st.integers(0, 50))  # ms: NEVER or near the clock
+KEYS = st.binary(min_size=1, max_size=2)
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("set"), KEYS, TIMES, st.integers(0, 50), st.sampled_from([0, 123_456])),
+    st.tuples(st.just("del"), KEYS),
+    st.tuples(st.just("ready"), st.integers(0, 50), st.integers(0, 50), st.integers(1, 8))),
+    max_size=200)
+
+
+@given(OPS)
+def test_due_index_finds_the_flows_due_the_longest_first(ops: list[tuple[Any, ...]]) -> None:
+    """Against a plain dict read whole: the index gives every flow due by the processing time
+    or the watermark, none other, at most ``limit``, in the order of how long they are due
+    (whole ms; ties in any order); its heaps stay within twice its size."""
+    index, truth = DueIndex(), {}
+    for op in ops:
+        if op[0] == "set":
+            _, key, ms, ns_ms, extra_ns = op  # ns on a whole ms (as the watermark) or not
+            index[key] = truth[key] = (ms, ns_ms * 1_000_000 + extra_ns)
+        elif op[0] == "del":
+            assert index.pop(op[1], None) == truth.pop(op[1], None)
+        else:
+            _, now_ms, watermark_ms, limit = op
+            watermark_ns = watermark_ms * 1_000_000
+            late = {key: lateness for key, when in truth.items()
+                    if (lateness := _lateness(when, now_ms, watermark_ns)) is not None}
+            got = index.ready(now_ms, watermark_ns, limit)
+            assert len(got) == len(set(got)) == min(limit, len(late))
+            assert set(got) <= late.keys()
+            got_late = [late[key] for key in got]
+            assert got_late == sorted(late.values())[:len(got)]
+            assert dict(index) == truth
+        assert all(len(heap) <= 2 * len(truth) + DueIndex.SLACK for heap in index.heaps)
+
+
+def test_due_index_heaps_stay_bounded_when_times_change() -> None:
+    """A flow whose due time changes on every batch leaves stale heap entries; they are dropped
+    once they outnumber the live ones, and the flow is due at its latest time only."""
+    index = DueIndex()
+    for key in range(100):
+        index[b"%d" % key] = (NEVER, 10**12)
+    for step in range(100_000):
+        index[b"0"] = (1000 + step, 10**12 + step)
+    assert all(len(heap) <= 2 * len(index) + DueIndex.SLACK for heap in index.heaps)
+    assert index.ready(1000 + 99_998, 0, 10) == []
+    assert index.ready(1000 + 99_999, 0, 10) == [b"0"]
+    assert index.ready(1000 + 99_999, 0, 10) == [b"0"]  # still due until set again
+
+
+def test_flows_tick_loads_the_due_flows_longest_due_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick of the flows stage loads the flows due by the processing time or by the
+    watermark, the longest due first, at most ``FLOW_BATCH``; an ended flow that only lingers
+    is deleted unread; the others stay. A partition not indexed yet is indexed from its table
+    (all due), and its incomplete flows are due again when the metadata changed."""
+    import streams.app
+    from streams.app import FlowBatch, Worker
+
+    now_ms, watermark_ns = 10_000_000, 20_000_000_000_000
+    wm_ms = watermark_ns // 1_000_000
+    times = {b"active": (now_ms - 5, NEVER - 1),  # due by processing time for 5 ms
+             b"idle": (NEVER, (wm_ms - 30) * 1_000_000),  # by the watermark, 30 ms
+             b"both": (now_ms - 1, (wm_ms - 10) * 1_000_000 + 1),  # 10 ms (the longer)
+             b"ended": (NEVER, (wm_ms - 20) * 1_000_000),  # lingers, 20 ms
+             b"later": (now_ms + 1, watermark_ns + 1)}  # not due yet
+
+    def worker_with(table: Table, indexed: bool) -> Worker:
+        worker = Worker.__new__(Worker)
+        worker.flows = table  # type: ignore[assignment]
+        worker.meta, worker.meta_seen = MetaCache(), {1: 0}
+        worker.watermarks, worker.incomplete = {1: watermark_ns}, {1: set()}
+        worker.lingering = {1: {b"ended"}}
+        worker.indexed = {1} if indexed else set()
+        worker.due = defaultdict(DueIndex)
+        if indexed:
+            for key, when in times.items():
+                worker.due[1][key] = when
+        return worker
+
+    table = Table()
+    for n, key in enumerate(times):
+        state = FlowState.new(obs(n + 1, "client", "START", 0), at(0), 1)
+        table[key] = orjson.dumps(state.to_dict())
+    worker, batch, event = worker_with(table, True), FlowBatch(), Event(1)
+    worker.flows_tick(event, now_ms, batch)
+    assert list(batch.flows) == [b"idle", b"both", b"active"]
+    assert batch.writes == [(event, b"ended", None)] and batch.size == 4
+    assert set(worker.due[1]) == {b"idle", b"both", b"active", b"later"}
+    assert table.reads == [b"idle", b"both", b"active"]
+
+    limited = FlowBatch()
+    monkeypatch.setattr(streams.app, "FLOW_BATCH", 2)
+    worker_with(table, True).flows_tick(event, now_ms, limited)
+    monkeypatch.undo()
+    assert list(limited.flows) == [b"idle"] and limited.writes == [(event, b"ended", None)]
+
+    fresh = worker_with(table, False)
+    fresh.lingering = {}  # as after a rebalance
+    reindexed = FlowBatch()
+    fresh.flows_tick(event, now_ms, reindexed)  # every flow of the table is due once indexed
+    assert sorted(reindexed.flows) == sorted(times) and fresh.indexed == {1}
+    fresh.due[1][b"later"] = times[b"later"]
+    fresh.incomplete[1] = {b"later"}
+    fresh.flows_tick(event, now_ms, again := FlowBatch())
+    assert b"later" not in again.flows  # the metadata did not change
+    fresh.meta.version += 1
+    fresh.flows_tick(event, now_ms, again)
+    assert b"later" in again.flows
+
+
+def test_netlink_sockets_first_seen_closed_make_one_flow() -> None:
+    """Sockets whose only Netlink record is their SOCKET_CLOSED (idle at the sensor's first
+    snapshot, closed before their turn): one flow, START and END, with their last values."""
+    closed = [replace(o, source="netlink", kind="SOCKET_CLOSED", state="ESTABLISHED")
+              for o in loopback_flow() if o.closed]
+    state = None
+    for o in closed:
+        state, _, _ = observe(state, o, at(0))
+    assert state is not None
+    emitted = due(state, at(0), CFG, peer_may_come=False)
+    assert [e.type for e in emitted] == ["START", "END"]
+    rec = flow_record(state, emitted[-1], MetaCache(), 0)
+    assert (rec["client_bytes"], rec["server_bytes"]) == (600, 30000)
+    assert rec["client"]["process"]["comm"] == "curl" and rec["server"]["process"]["comm"] == "nginx"
