@@ -103,7 +103,7 @@ struct sk_info_t {
     u64 netns;  // cookie of its network namespace
     u64 rx;  // bytes the application read (TCP)
     u32 owned;  // TCP: its owner is known
-    u32 pad;
+    u32 protocol;  // PROTO_TCP or PROTO_UDP
 };
 
 struct udp_key_t {
@@ -197,9 +197,9 @@ static __always_inline int put_owner(u64 cookie, struct owner_t *o)
     return 0;
 }
 
-static __always_inline void put_sk(u64 skaddr, u64 cookie, u64 netns)
+static __always_inline void put_sk(u64 skaddr, u64 cookie, u64 netns, u32 protocol)
 {
-    struct sk_info_t info = {.cookie = cookie, .netns = netns};
+    struct sk_info_t info = {.cookie = cookie, .netns = netns, .protocol = protocol};
     if (sk_cookie.update(&skaddr, &info) && sk_cookie.update(&skaddr, &info))
         count_drop(D_SK_MAP);
 }
@@ -240,7 +240,7 @@ int sock_create(struct bpf_sock *sk)
     struct owner_t o = {};
     fill_owner(&o, SRC_CREATOR, netns);
     if (put_owner(cookie, &o) == 0)
-        put_sk((u64)sk, cookie, netns);
+        put_sk((u64)sk, cookie, netns, sk->protocol);
     return 1;
 }
 
@@ -400,7 +400,7 @@ int sock_ops(struct bpf_sock_ops *ctx)
         f->rcvd0 = f->bytes_received;
         struct bpf_sock *sk = ctx->sk;
         if (sk)
-            put_sk((u64)sk, cookie, bpf_get_netns_cookie(ctx));
+            put_sk((u64)sk, cookie, bpf_get_netns_cookie(ctx), PROTO_TCP);
         return 1;  // START is sent at first I/O, when the owning process is known
     }
     case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
@@ -479,20 +479,21 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
 }
 
 // ---- process-context I/O: attribution of accepted sockets and of older UDP sockets --------
+// Raw tracepoints (arguments: struct sock *sk, int ret, int flags): no event record is filled
+// for them at each send and receive, which the formatted tracepoints of the same name cost on
+// every socket of the host. The socket is looked up by address among those we follow (TCP or
+// UDP, with its protocol), so no kernel struct is read.
 
-static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u16 protocol,
-                                    int rx)
+static __always_inline void sock_io(u64 skaddr, int ret, int flags, int rx)
 {
-    if ((protocol != PROTO_TCP && protocol != PROTO_UDP) ||
-        (family != AF_INET && family != AF_INET6) || ret < 0)
+    if (ret < 0)
         return;
-    u64 skaddr = (u64)sk;
     struct sk_info_t *info = sk_cookie.lookup(&skaddr);
     if (!info)
         return;
     u64 cookie = info->cookie;
     struct owner_t o = {};
-    if (protocol == PROTO_UDP) {
+    if (info->protocol == PROTO_UDP) {
         // a UDP socket created before the sensor started: its first user owns it
         if (!owners.lookup(&cookie)) {
             fill_owner(&o, SRC_FIRST_IO, info->netns);
@@ -517,15 +518,15 @@ static __always_inline void sock_io(void *sk, int ret, int flags, u16 family, u1
     emit_tcp(EV_START, cookie, f, 0, BPF_TCP_ESTABLISHED);
 }
 
-TRACEPOINT_PROBE(sock, sock_send_length)
+RAW_TRACEPOINT_PROBE(sock_send_length)
 {
-    sock_io(args->sk, args->ret, args->flags, args->family, args->protocol, 0);
+    sock_io(ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 0);
     return 0;
 }
 
-TRACEPOINT_PROBE(sock, sock_recv_length)
+RAW_TRACEPOINT_PROBE(sock_recv_length)
 {
-    sock_io(args->sk, args->ret, args->flags, args->family, args->protocol, 1);
+    sock_io(ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], 1);
     return 0;
 }
 
@@ -657,7 +658,7 @@ static __always_inline int on_packet(struct __sk_buff *skb, int egress)
         struct bpf_sock *sk = skb->sk;
         u64 skaddr = (u64)sk;
         if (sk && !sk_cookie.lookup(&skaddr))
-            put_sk(skaddr, cookie, bpf_get_netns_cookie(skb));
+            put_sk(skaddr, cookie, bpf_get_netns_cookie(skb), PROTO_UDP);
     }
     struct udp_key_t k = {};
     k.cookie = cookie;
