@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import signal
@@ -16,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -162,24 +164,29 @@ def monitors(names: list[str], run_dir: Path, ports: list[int] | None = None) ->
             mon.stop()
 
 
+def bpf_programs_using(map_ids: set[int]) -> list[dict[str, Any]]:
+    """``bpftool prog show`` of the loaded BPF programs that use any of ``map_ids``: those of a
+    sensor, however they are attached (cgroup links, raw tracepoint links, perf events)."""
+    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                           check=True).stdout
+    return [prog for prog in json.loads(shown) if map_ids & set(prog.get("map_ids", ()))]
+
+
 def bpf_program_stats(pid: int) -> dict[str, tuple[int, int]]:
-    """{program name: (run count, run time ns)} of the BPF programs process ``pid`` holds
-    (counted only while sysctl kernel.bpf_stats_enabled is 1)."""
-    ids: dict[int, tuple[int, int]] = {}
+    """{program name: (run count, run time ns)} of the BPF programs using the maps process
+    ``pid`` holds (counted only while sysctl kernel.bpf_stats_enabled is 1). Programs are found
+    by their maps: a program attached through a link or a perf event (the tracepoints) has no
+    descriptor of its own in the process."""
+    map_ids: set[int] = set()
     for fdinfo in Path(f"/proc/{pid}/fdinfo").iterdir():
         with contextlib.suppress(OSError):
-            fields = dict(line.split(":", 1) for line in fdinfo.read_text().splitlines()
-                          if ":" in line)
-            if "prog_id" in fields and "run_cnt" in fields:  # a program, not a bpf_link
-                ids[int(fields["prog_id"])] = (int(fields.get("run_cnt", 0)),
-                                               int(fields.get("run_time_ns", 0)))
+            map_ids.update(int(line.split()[1]) for line in fdinfo.read_text().splitlines()
+                           if line.startswith("map_id:"))
     out: dict[str, tuple[int, int]] = {}
-    for prog_id, (cnt, ns) in ids.items():
-        show = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id)],
-                              capture_output=True, text=True, check=False).stdout.split()
-        name = show[show.index("name") + 1] if "name" in show else str(prog_id)
+    for prog in bpf_programs_using(map_ids):
+        name = prog.get("name", str(prog["id"]))
         old = out.get(name, (0, 0))
-        out[name] = (old[0] + cnt, old[1] + ns)
+        out[name] = (old[0] + prog.get("run_cnt", 0), old[1] + prog.get("run_time_ns", 0))
     return out
 
 

@@ -28,6 +28,7 @@ import fastavro.validation
 import pytest
 
 import schemas
+from bench.common import bpf_program_stats, bpf_programs_using, bpf_stats
 from sensor import bpfload, ebpf
 from sensor.cgroups import cgroup2_root
 from tests.support.capabilities import require, require_root
@@ -403,9 +404,7 @@ def test_compile_error_reaches_the_caller(tmp_path: Path) -> None:
 
 
 def _programs_using(map_ids: set[int]) -> set[int]:
-    shown = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                           check=True).stdout
-    return {p["id"] for p in json.loads(shown) if map_ids & set(p.get("map_ids", ()))}
+    return {prog["id"] for prog in bpf_programs_using(map_ids)}
 
 
 def test_compiled_in_a_child_and_close_detaches_everything() -> None:
@@ -441,6 +440,20 @@ def test_compiled_in_a_child_and_close_detaches_everything() -> None:
     while _programs_using(map_ids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _programs_using(map_ids)
+
+
+def test_bench_counts_every_program_the_sensor_runs(sensor: Collector) -> None:
+    """The in-kernel cost of bench/overhead.py counts every program of the sensor, the
+    tracepoint ones too (attached through links and perf events, they have no descriptor of
+    their own in the sensor's process)."""
+    require(shutil.which("bpftool") is not None, "bpftool (apt-get install bpftool)")
+    with bpf_stats():
+        before = bpf_program_stats(os.getpid())
+        tcp_exchange(sensor, socket.AF_INET, "127.0.0.1", 10_000, 20_000)
+        after = bpf_program_stats(os.getpid())
+    ran = {name for name, (count, _ns) in after.items() if count > before.get(name, (0, 0))[0]}
+    assert {"raw_tracepoint__sock_send_length", "raw_tracepoint__sock_recv_length", "sock_ops",
+            "sock_create", "skb_egress", "skb_ingress"} <= ran, after
 
 
 # ---- TCP --------------------------------------------------------------------------------
