@@ -244,15 +244,15 @@ def _read_dense(directory: int) -> tuple[list[str], array[int], bool]:
     return names, _socket_inodes(targets), 0 < len(targets) == count
 
 
-def _socket_inode(target: str) -> int:
-    """The socket inode of a descriptor's link, 0 if it is not a socket."""
-    return int(target[8:-1]) if target.startswith("socket:[") else 0
-
-
 def _socket_inodes(targets: list[str]) -> array[int]:
-    """``_socket_inode`` of each of ``targets``, without a call each."""
+    """The socket inode of each of the descriptors' links ``targets``, 0 if not a socket."""
     return array("Q", [int(target[8:-1]) if target.startswith("socket:[") else 0
                        for target in targets])
+
+
+def _socket_inode(target: str) -> int:
+    """``_socket_inodes`` of one link (a descriptor read apart: one readlink costs more)."""
+    return _socket_inodes([target])[0]
 
 
 def _start_time(base: str) -> str:
