@@ -462,6 +462,14 @@ int sock_ops(struct bpf_sock_ops *ctx)
         if (f->flags & F_RELEASED)
             owners.delete(&cookie);
         tcp_flows.delete(&cookie);
+        // The flow is over: its address is not looked up again. A connection closed before
+        // any process accepted it never passes sock_release, and one that connects again
+        // (after connect(AF_UNSPEC)) must not count the reads of the last one.
+        struct bpf_sock *sk = ctx->sk;
+        if (sk) {
+            u64 skaddr = (u64)sk;
+            sk_cookie.delete(&skaddr);
+        }
         return 1;
     }
     }

@@ -525,6 +525,38 @@ def test_start_adopted_by_a_scan_names_its_owner() -> None:
     assert (records[1]["bytes_sent"], records[1]["bytes_received"]) == (1000, 10)
 
 
+def test_connection_closed_before_accept_leaves_no_address() -> None:
+    """A connection that no process accepted (its listener closed first) never passes
+    sock_release: its entry in sk_cookie, keyed by the socket's address, goes at its CLOSE,
+    so that the map does not fill with dead sockets (nor a new socket at the same address
+    find it)."""
+    require_root()
+    ok, why = ebpf.available()
+    require(ok, why)
+    collector = Collector()
+    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"), collector.publish)
+    sensor.load()
+    try:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=4)
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        lport = client.getsockname()[1]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not collector.select(by_ports(lport, port)):
+            sensor.poll(100)
+        listener.close()  # the connection in its accept queue is reset
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not collector.select(by_ports(port, lport)):
+            sensor.poll(100)
+        client.close()
+        ended = collector.select(by_ports(port, lport))
+        followed = {value.cookie for _key, value in sensor.maps["sk_cookie"].items()}
+    finally:
+        sensor.close()
+    assert [r["type"] for r in ended] == ["START", "END"], ended
+    assert ended[-1]["role"] == "SERVER" and ended[-1]["cookie"] not in followed
+
+
 def test_full_flow_map_is_counted_not_silent() -> None:
     """A TCP flow map with room for 16 flows and 40 connections (80 sockets) open at once: the
     flows that found no room are counted in the loss report, those that did are exact, and
