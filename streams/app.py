@@ -693,8 +693,8 @@ class Worker:
             peer = state.missing_peer()
             own = [sock.local_ip for sock in state.sockets.values()]
             clock = self.clock(state.partition, now)
-            for emission in due(state, clock, self.options.flow, sig, peer is not None
-                                and self.local.may_be_local(state.host, peer, own)):
+            peer_may_come = peer is not None and self.local.may_be_local(state.host, peer, own)
+            for emission in due(state, clock, self.options.flow, sig, peer_may_come):
                 self.publish_flow(state, emission, now)
             index = self.due[state.partition]
             incomplete = self.incomplete.setdefault(state.partition, set())
@@ -706,7 +706,7 @@ class Worker:
                 incomplete.discard(key)
                 lingering.discard(key)
                 continue
-            index[key] = next_due(state, self.options.flow)
+            index[key] = next_due(state, self.options.flow, peer_may_come)
             if "false" in sig:
                 incomplete.add(key)
             else:

@@ -86,7 +86,10 @@ class LocalAddresses:
     every worker) and of the host's local sockets (each raw stage sends the addresses it learns
     to every flows partition, and all it knows again every ``LOCAL_RESEND_S``): every worker
     has the same answer, whichever partitions it has. A flow whose peer is elsewhere need not
-    wait for the peer's socket (join delay, END grace)."""
+    wait for the peer's socket (join delay, END grace), only until the watermark has passed the
+    flow's time: the addresses are learnt from the sockets as they are read, so until then the
+    peer's network may be unknown only because no socket of it was read yet (a server's socket
+    read before that of its first client on the host, which is in another raw partition)."""
 
     networks: dict[str, set[str]] = field(default_factory=dict)  # host -> networks
 
@@ -500,7 +503,8 @@ def due(state: FlowState, clock: Clock, cfg: FlowConfig, enrichment: str = "",
         peer_may_come: bool = True) -> list[Emission]:
     """The events owed by ``state`` at ``clock``; ``enrichment`` is the signature of the
     metadata now known for it (a change triggers an UPDATE); ``peer_may_come`` False when the
-    missing end cannot be a local socket (no join delay, no END grace)."""
+    missing end cannot be a local socket: no join delay, no END grace, only a wait until the
+    watermark has passed the flow's time (see ``LocalAddresses``)."""
     out: list[Emission] = []
     now_ms, watermark = clock.now_ms, clock.watermark_ns
     if state.ended:
@@ -511,13 +515,14 @@ def due(state: FlowState, clock: Clock, cfg: FlowConfig, enrichment: str = "",
         state.enrichment = enrichment
         return out
     if state.all_closed():
-        settled = state.final() and (state.both_ends() or not peer_may_come)
+        settled = state.final() and (state.both_ends() or (not peer_may_come
+                                                           and watermark > state.changed_ns))
         if settled or state.failed or watermark >= state.changed_ns + _ns(cfg.end_grace_s):
             out += finish(state, clock, "failed" if state.failed and not state.started else "closed")
     elif watermark >= state.changed_ns + _ns(cfg.idle_timeout_s):
         out += finish(state, clock, "idle")
     elif not state.started:
-        if (state.both_ends() or not peer_may_come
+        if (state.both_ends() or (not peer_may_come and watermark > state.seen_ns)
                 or watermark >= state.seen_ns + _ns(cfg.join_delay_s)):
             out.append(_emit(state, "START", now_ms))
     elif not any(s.closed for s in state.sockets.values()):  # closing: END comes next
@@ -561,16 +566,18 @@ def activity(state: FlowState, sock: SocketState, container_id: str, pod: str | 
 NEVER = 1 << 63  # a time that never comes
 
 
-def next_due(state: FlowState, cfg: FlowConfig) -> tuple[int, int]:
-    """When ``due`` or ``expired`` may next have something to do: once the processing time
-    (ms) reaches the first or the watermark (ns) the second."""
+def next_due(state: FlowState, cfg: FlowConfig, peer_may_come: bool = True) -> tuple[int, int]:
+    """When ``due`` (with the same ``peer_may_come``) or ``expired`` may next have something to
+    do: once the processing time (ms) reaches the first or the watermark (ns) the second."""
     if state.ended:
         return NEVER, state.ended_ns + _ns(cfg.linger_s)
     when = state.changed_ns + _ns(cfg.idle_timeout_s)
     if state.all_closed():
-        return NEVER, min(when, state.changed_ns + _ns(cfg.end_grace_s))
+        grace = 1 if not peer_may_come and state.final() else _ns(cfg.end_grace_s)
+        return NEVER, min(when, state.changed_ns + grace)
     if not state.started:
-        return NEVER, min(when, state.seen_ns + _ns(cfg.join_delay_s))
+        join = 1 if not peer_may_come else _ns(cfg.join_delay_s)
+        return NEVER, min(when, state.seen_ns + join)
     if state.dirty and not any(s.closed for s in state.sockets.values()):
         return state.emitted_ms + round(cfg.active_timeout_s * 1000), when
     return NEVER, when

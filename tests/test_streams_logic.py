@@ -768,3 +768,83 @@ def test_netlink_sockets_first_seen_closed_make_one_flow() -> None:
     rec = flow_record(state, emitted[-1], MetaCache(), 0)
     assert (rec["client_bytes"], rec["server_bytes"]) == (600, 30000)
     assert rec["client"]["process"]["comm"] == "curl" and rec["server"]["process"]["comm"] == "nginx"
+
+
+def flows_stage(publish: Any) -> Any:
+    """A flows stage (``streams.app.Worker``) without Kafka, all its flows in partition 1,
+    that gives each flow record it publishes to ``publish``."""
+    from streams.app import StreamOptions, Worker
+    from streams.flows import LocalAddresses
+
+    worker = Worker.__new__(Worker)
+    worker.flows = Table()  # type: ignore[assignment]
+    worker.meta, worker.local = MetaCache(), LocalAddresses()
+    worker.options = StreamOptions(flow=CFG)
+    worker.indexed, worker.due = {1}, defaultdict(DueIndex)
+    worker.incomplete, worker.lingering, worker.meta_seen = {}, {}, {1: 0}
+    worker.publish_flow = lambda state, emission, now: publish(  # type: ignore[method-assign]
+        flow_record(state, emission, worker.meta, now))
+    return worker
+
+
+def stage_batch(worker: Any, now_ms: int, watermark_ns: int, *observations: Observation) -> Any:
+    """One batch of the flows stage: the observations, then a tick at ``watermark_ns``; the
+    table written. Returns the batch."""
+    from streams.app import FlowBatch, _write
+
+    event, batch = Event(1), FlowBatch()
+    worker.watermarks = {1: watermark_ns}
+    for o in observations:
+        worker.flow_event(event, o, now_ms, batch)
+    worker.flows_tick(event, now_ms, batch)
+    worker.settle(batch, now_ms)
+    _write(worker.flows, batch.writes)
+    return batch
+
+
+def test_peer_in_a_network_not_yet_known_local_is_waited_for() -> None:
+    """The flows stage reads a server's socket before the raw stage has read any socket of its
+    client's network (the client's socket is in another raw partition, read in a later batch):
+    the client may still be a local socket, so the flow STARTs once, with both ends, when the
+    client's socket (and its address) come, the watermark unchanged (seen with the synthetic
+    flows of ``bench.pipeline`` produced while the worker ingests: a START of the server alone,
+    then an UPDATE with both ends). A peer still unknown when the watermark has passed the
+    flow's time is elsewhere: START and END go without the join delay and END grace."""
+    published: list[tuple[str, str, bool, bool]] = []
+    worker = flows_stage(lambda rec: published.append((rec["client"]["ip"], rec["type"],
+                                                       rec["client"]["local"],
+                                                       rec["server"]["local"])))
+    now_ms, watermark_ns = T0 // 1_000_000, T0  # caught up; the sockets' events are older
+
+    def batch_of(*observations: Observation) -> None:
+        stage_batch(worker, now_ms, watermark_ns, *observations)
+
+    def socket(cookie: int, role: str, client_ip: str, kind: str = "START") -> Observation:
+        client = role == "client"
+        ends = [(client_ip, 50176), ("10.255.0.1", 8000)]
+        (lip, lport), (rip, rport) = ends if client else ends[::-1]
+        return replace(obs(cookie, role, kind, -60_000, state="CLOSE" if kind == "END"
+                           else "ESTABLISHED"), local_ip=lip, local_port=lport, remote_ip=rip,
+                       remote_port=rport)
+
+    worker.local.add("h1", "10.255.0.1")  # the server's network is known, not its clients'
+    batch_of(socket(2, "server", "10.0.68.0"), socket(4, "server", "192.0.2.7"))
+    assert published == []
+    worker.local.add("h1", "10.0.68.0")  # the raw stage's next batch: the client's address
+    batch_of(socket(1, "client", "10.0.68.0"))
+    assert published == [("10.0.68.0", "START", True, True)]
+
+    published.clear()
+    for step in (1, 2):  # the next watermarks, 250 ms each, well within the join delay
+        watermark_ns += 250_000_000
+        now_ms += 250
+        batch_of()
+        if step == 1:
+            batch_of(socket(4, "server", "192.0.2.7", "END"))
+    assert published == [("192.0.2.7", "START", False, True), ("192.0.2.7", "END", False, True)]
+
+    published.clear()
+    now_ms += round(CFG.active_timeout_s * 1000)  # nothing changed after the START: no UPDATE
+    watermark_ns += round(CFG.end_grace_s * 1e9)
+    batch_of()
+    assert published == []
