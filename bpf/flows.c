@@ -6,7 +6,8 @@
 // INET_SOCK_CREATE; accepted sockets (which never pass there) are attributed to the first
 // process that sends or receives on them (sock:sock_{send,recv}_length run in that process),
 // joined from the tracepoint's sk pointer to the cookie through sk_cookie, which holds the
-// socket's address as an opaque key (stored where a program has both; never dereferenced).
+// socket's address as an opaque key (stored where a program has both; never dereferenced;
+// dropped at the release of the socket or, for TCP, at the CLOSE of its flow).
 // Once a TCP socket's owner is known, its I/O costs one lookup there (and a sum for reads).
 // Owners carry the cookie of the socket's network namespace (bpf_get_netns_cookie), which user
 // space maps to the namespace's inode (sensor/netns.py) even after the process is gone.

@@ -493,10 +493,10 @@ def test_tcp_loopback_exact_bytes_and_processes(sensor: Collector, family: int, 
     assert len({r["event_id"] for r in client_recs + server_recs}) == 4
 
 
-def test_start_adopted_by_a_scan_names_its_owner() -> None:
-    """Under load a scan of the kernel's flow map can meet a flow whose START event still waits
-    in the backlog: the START it publishes takes the owner from the kernel's owner map, and the
-    START event, handled later, is not published again."""
+@contextlib.contextmanager
+def loaded_sensor() -> Iterator[tuple[ebpf.EbpfSensor, Collector]]:
+    """An eBPF sensor loaded in this process and driven by the test (``poll``, ``scan``), with
+    what it publishes; closed when the context exits."""
     require_root()
     ok, why = ebpf.available()
     require(ok, why)
@@ -504,6 +504,16 @@ def test_start_adopted_by_a_scan_names_its_owner() -> None:
     sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"), collector.publish)
     sensor.load()
     try:
+        yield sensor, collector
+    finally:
+        sensor.close()
+
+
+def test_start_adopted_by_a_scan_names_its_owner() -> None:
+    """Under load a scan of the kernel's flow map can meet a flow whose START event still waits
+    in the backlog: the START it publishes takes the owner from the kernel's owner map, and the
+    START event, handled later, is not published again."""
+    with loaded_sensor() as (sensor, collector):
         server = Proc(TCP_SERVER, socket.AF_INET, "127.0.0.1", 1000, 10)
         port = int(server.line[1])
         client = Proc(TCP_CLIENT, socket.AF_INET, "127.0.0.1", port, 1000, 0.3, "normal")
@@ -515,8 +525,6 @@ def test_start_adopted_by_a_scan_names_its_owner() -> None:
         while time.monotonic() < deadline and len(collector.select(
                 by_ports(int(client.line[1]), port))) < 2:
             sensor.poll(100)
-    finally:
-        sensor.close()
     assert [r["type"] for r in adopted] == ["START"]
     records = collector.select(by_ports(int(client.line[1]), port))
     assert [r["type"] for r in records] == ["START", "END"]
@@ -530,13 +538,7 @@ def test_connection_closed_before_accept_leaves_no_address() -> None:
     sock_release: its entry in sk_cookie, keyed by the socket's address, goes at its CLOSE,
     so that the map does not fill with dead sockets (nor a new socket at the same address
     find it)."""
-    require_root()
-    ok, why = ebpf.available()
-    require(ok, why)
-    collector = Collector()
-    sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"), collector.publish)
-    sensor.load()
-    try:
+    with loaded_sensor() as (sensor, collector):
         listener = socket.create_server(("127.0.0.1", 0), backlog=4)
         port = listener.getsockname()[1]
         client = socket.create_connection(("127.0.0.1", port))
@@ -551,8 +553,6 @@ def test_connection_closed_before_accept_leaves_no_address() -> None:
         client.close()
         ended = collector.select(by_ports(port, lport))
         followed = {value.cookie for _key, value in sensor.maps["sk_cookie"].items()}
-    finally:
-        sensor.close()
     assert [r["type"] for r in ended] == ["START", "END"], ended
     assert ended[-1]["role"] == "SERVER" and ended[-1]["cookie"] not in followed
 
