@@ -215,12 +215,30 @@ def _status(stack: Stack) -> str:
     return "\n".join(lines)
 
 
+def check_ports(options: StackOptions) -> None:
+    """StackError naming the option unless every port the stack listens on is distinct and free
+    on 127.0.0.1: said before anything starts, rather than found later as a part that crashed."""
+    wanted = {"--kafka-port": options.kafka_port,
+              "the Kafka controller (--kafka-port + 1)": options.kafka_port + 1,
+              "--registry-port": options.registry_port, "--web-port": options.web_port}
+    if options.sensor and options.metrics_port:
+        wanted["--metrics-port"] = options.metrics_port
+    owner: dict[int, str] = {}
+    for name, port in wanted.items():
+        if port in owner:
+            raise StackError(f"{owner[port]} and {name} are both port {port}")
+        owner[port] = name
+        if not broker.port_free("127.0.0.1", port):
+            raise StackError(f"{name}: {broker.port_taken_message(port)}")
+
+
 def up(options: StackOptions, say: Callable[[str], None] = _say) -> int:
     """Run the stack in the foreground until a signal or a crash; returns the exit code."""
     data_dir = options.settings.data_dir
     if (pid := _already_running(data_dir)) is not None:
         raise StackError(f"a stack already runs from {data_dir} (pid {pid}); "
                          "stop it with 'packetless down'")
+    check_ports(options)
     data_dir.mkdir(parents=True, exist_ok=True)
     stack = Stack(options)
     stopping = threading.Event()

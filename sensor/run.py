@@ -146,7 +146,12 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
 
     write_status(status, {"mode": mode, "why": why, "ready": False})
     if metrics_port:
-        start_http_server(metrics_port, addr=web_host)
+        try:
+            start_http_server(metrics_port, addr=web_host)
+        except OSError as exc:
+            print(f"packetless sensor: cannot serve /metrics on {web_host}:{metrics_port}: "
+                  f"{exc.strerror} (choose another --metrics-port, or 0 for none)", flush=True)
+            return 2
     publisher = Publisher(settings, spool="sensor", on_latency=PRODUCE_LATENCY.observe)
     stop = threading.Event()
     cgroups = CgroupResolver()

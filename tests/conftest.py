@@ -33,15 +33,22 @@ def _ephemeral_range() -> range:
     return range(int(low), int(high) + 1)
 
 
+_ISSUED: set[int] = set()
+
+
 def free_port(count: int = 1) -> int:
-    """A port p such that p .. p + count - 1 are free to listen on, chosen below the ephemeral
-    range so that client connections of a busy host (TIME-WAIT) cannot take it meanwhile."""
+    """A port p such that p .. p + count - 1 are free to listen on and were not handed out before
+    in this test session (a port handed out is not bound until its server starts, so two picks
+    could otherwise meet), chosen below the ephemeral range so that client connections of a busy
+    host (TIME-WAIT) cannot take it meanwhile."""
     ephemeral = _ephemeral_range()
     candidates = [p for p in range(10000, 65535 - count) if p not in ephemeral
                   and p + count - 1 not in ephemeral]
     for _ in range(500):
         p = random.choice(candidates)
-        if all(_bindable(p + i) for i in range(count)):
+        block = range(p, p + count)
+        if _ISSUED.isdisjoint(block) and all(_bindable(q) for q in block):
+            _ISSUED.update(block)
             return p
     raise RuntimeError("no free port outside the ephemeral range")
 

@@ -224,6 +224,17 @@ def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: P
     assert all(s["socket"]["cookie"] for s in snaps)
 
 
+def test_a_taken_metrics_port_is_named_not_a_traceback(settings: Settings, tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", free_port())) as busy:
+        port = busy.getsockname()[1]
+        proc = sensor_process(settings, tmp_path, "--mode", "netlink", metrics_port=port)
+        out, _ = proc.communicate(timeout=60)
+    text = out.decode()
+    assert proc.returncode == 2, text
+    assert f"cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in text, text
+    assert "Traceback" not in text, text
+
+
 @pytest.mark.kafka
 def test_a_record_that_breaks_its_schema_goes_to_the_dead_letter_topic(settings: Settings) -> None:
     """The sensor's publish path never dies on a record its schema refuses: it dead-letters it."""

@@ -86,13 +86,26 @@ def test_restart_keeps_topics_schemas_and_data(tmp_path: Path) -> None:
         second.stop(print)
 
 
-def test_up_names_a_taken_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", ["--kafka-port", "--registry-port", "--web-port",
+                                    "--metrics-port"])
+def test_up_names_a_taken_port_before_starting_anything(tmp_path: Path, option: str) -> None:
+    ports = {"--kafka-port": free_port_pair(), "--registry-port": free_port(), "--web-port": free_port(),
+             "--metrics-port": free_port()}
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind(("127.0.0.1", ports[option]))
         busy.listen()
-        port = busy.getsockname()[1]
-        out = cli("up", "--no-sensor", "--data-dir", str(tmp_path), "--kafka-port", str(port),
-                  "--registry-port", str(free_port()))
+        out = cli("up", "--data-dir", str(tmp_path),
+                  *(str(a) for pair in ports.items() for a in pair))
     assert out.returncode != 0
-    assert f"port {port} is taken" in out.stderr, out.stderr
-    assert "Traceback" not in out.stderr
+    assert f"{option}: port {ports[option]} is taken by another process" in out.stderr, out.stderr
+    assert "starting" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_up_refuses_one_port_for_two_parts(tmp_path: Path) -> None:
+    kafka, shared = free_port_pair(), free_port()
+    out = cli("up", "--data-dir", str(tmp_path), "--kafka-port", str(kafka),
+              "--registry-port", str(free_port()), "--web-port", str(shared),
+              "--metrics-port", str(shared))
+    assert out.returncode != 0
+    assert f"--web-port and --metrics-port are both port {shared}" in out.stderr, out.stderr
+    assert "starting" not in out.stderr, out.stderr

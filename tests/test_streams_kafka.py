@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from packetless.config import Settings
 from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
 from packetless.serde import Codec
 from packetless.topics import TOPICS, topic_name
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -43,12 +43,6 @@ _COUNTER = iter(range(1000))
 # windows that wait for late activity longer than a takeover or an outage lasts (Kafka's session
 # timeout, then the new worker's start): then nothing held up by it is late
 LONG_GRACE = {"PACKETLESS_WINDOW_GRACE": "60"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def private(settings: Settings, tmp_path: Path) -> Settings:
