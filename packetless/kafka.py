@@ -2,8 +2,9 @@
 
 ``Publisher`` produces Avro or JSON records (idempotent, acks=all, compressed, batched), and
 with a spool keeps them on disk while Kafka is unreachable, replaying them in order;
-``ensure_topics`` creates the topics of ``packetless.topics`` and registers their schemas with
-compatibility BACKWARD; ``dead_letter`` keeps a record that could not be processed.
+``ensure_topics`` creates the topics of ``packetless.topics`` (``create_topics`` returns once the
+broker's metadata lists them) and ``ensure_schemas`` registers their schemas with compatibility
+BACKWARD; ``dead_letter`` keeps a record that could not be processed.
 """
 
 from __future__ import annotations
@@ -580,23 +581,48 @@ def admin(settings: Settings) -> AdminClient:
 def ensure_topics(settings: Settings, suffixes: Iterable[str] | None = None,
                   timeout: float = 30.0) -> list[str]:
     """Create the missing Packetless topics; returns the names created."""
-    client = admin(settings)
-    existing = set(client.list_topics(timeout=timeout).topics)
     wanted = [TOPICS[s] for s in (suffixes or TOPICS)]
-    new = [NewTopic(topic_name(settings, t.suffix), num_partitions=t.partitions,
-                    replication_factor=1, config=t.config())
-           for t in wanted if topic_name(settings, t.suffix) not in existing]
-    if not new:
-        return []
+    return create_topics(admin(settings), [
+        NewTopic(topic_name(settings, t.suffix), num_partitions=t.partitions,
+                 replication_factor=1, config=t.config()) for t in wanted], timeout)
+
+
+def create_topics(client: AdminClient, topics: list[NewTopic], timeout: float = 30.0) -> list[str]:
+    """Create those of ``topics`` that do not exist yet and return their names once the broker's
+    metadata lists each with a leader for every partition.
+
+    A broker answers the creation before its own metadata has the topic (1-3 s later on the local
+    stack); a client that looks meanwhile gets "unknown topic", and Faust's consumer, joining its
+    group, then ignores the topic until its next metadata refresh, five minutes later.
+    """
+    existing = set(client.list_topics(timeout=timeout).topics)
+    new = [t for t in topics if t.topic not in existing]
     created = []
-    for name, future in client.create_topics(new, operation_timeout=timeout).items():
+    for name, future in (client.create_topics(new, operation_timeout=timeout).items()
+                         if new else ()):
         try:
             future.result()
             created.append(name)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+    deadline = time.monotonic() + timeout
+    while pending := _not_yet_visible(client, new, timeout):
+        if time.monotonic() > deadline:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT,
+                                            f"topics created but not in the broker's metadata "
+                                            f"after {timeout:g}s: {', '.join(pending)}"))
+        time.sleep(0.1)
     return created
+
+
+def _not_yet_visible(client: AdminClient, topics: list[NewTopic], timeout: float) -> list[str]:
+    """The names of ``topics`` the broker's metadata lacks, or lists without every partition led."""
+    listed = client.list_topics(timeout=timeout).topics
+    return [t.topic for t in topics
+            if (meta := listed.get(t.topic)) is None or meta.error is not None
+            or len(meta.partitions) != t.num_partitions
+            or any(p.leader < 0 for p in meta.partitions.values())]
 
 
 def ensure_schemas(codec: Codec, suffixes: Iterable[str] | None = None) -> dict[str, int]:

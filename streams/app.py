@@ -56,7 +56,6 @@ from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
-    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -71,6 +70,7 @@ from packetless.config import Settings
 from packetless.kafka import (
     PRODUCER_DEFAULTS,
     admin,
+    create_topics,
     dead_letter_record,
     ensure_schemas,
     ensure_topics,
@@ -542,15 +542,7 @@ class Worker:
                 config["retention.ms"] = str(round(want_seconds(topic.retention) * 1000))
             wanted.append(NewTopic(topic.get_topic_name(), num_partitions=topic.partitions,
                                    replication_factor=1, config=config))
-        client = admin(self.settings)
-        existing = set(client.list_topics(timeout=30).topics)
-        new = [t for t in wanted if t.topic not in existing]
-        for future in (client.create_topics(new, operation_timeout=30).values() if new else ()):
-            try:
-                future.result()
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
+        create_topics(admin(self.settings), wanted)
 
     # -- stage 1: raw records -> observations keyed by flow (see RawStage)
 

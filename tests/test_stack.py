@@ -15,7 +15,7 @@ from fastavro.utils import generate_many
 
 import schemas
 from packetless.config import Settings
-from packetless.kafka import Publisher, admin
+from packetless.kafka import Publisher, admin, ensure_topics
 from packetless.serde import Codec
 from packetless.topics import TOPICS, topic_name
 from tests.conftest import free_port, free_port_pair, start_stack
@@ -55,6 +55,21 @@ def test_tail_refuses_an_unknown_topic(settings: Settings) -> None:
     out = cli("tail", "no.such.topic", "--timeout", "1", env=env_for(settings))
     assert out.returncode != 0
     assert "not a Packetless topic" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_created_topics_are_in_the_brokers_metadata_once_ensure_topics_returns(
+        settings: Settings) -> None:
+    """A client that looks right after the creation (a stream worker joining its group) must find
+    every partition led. The broker answers a creation up to seconds before its metadata has the
+    topics, more often when creations follow each other (here three sets, back to back)."""
+    for i in range(3):
+        fresh = Settings(**{**settings.__dict__, "topic_prefix": f"vis{os.getpid()}x{i}."})
+        assert len(ensure_topics(fresh)) == len(TOPICS)
+        listed = admin(fresh).list_topics(timeout=10).topics
+        for suffix, topic in TOPICS.items():
+            meta = listed.get(topic_name(fresh, suffix))
+            assert meta is not None and meta.error is None, (i, suffix)
+            assert [p.leader >= 0 for p in meta.partitions.values()] == [True] * topic.partitions
 
 
 def test_restart_keeps_topics_schemas_and_data(tmp_path: Path) -> None:
