@@ -25,6 +25,7 @@ import psutil
 from deploy import broker, registry
 from packetless.config import Settings
 from packetless.kafka import ensure_schemas, ensure_topics
+from packetless.ports import port_free, port_taken_message
 from packetless.serde import Codec
 
 STOP_TIMEOUT = 30.0
@@ -228,8 +229,8 @@ def check_ports(options: StackOptions) -> None:
         if port in owner:
             raise StackError(f"{owner[port]} and {name} are both port {port}")
         owner[port] = name
-        if not broker.port_free("127.0.0.1", port):
-            raise StackError(f"{name}: {broker.port_taken_message(port)}")
+        if not port_free("127.0.0.1", port):
+            raise StackError(f"{name}: {port_taken_message(port)}")
 
 
 def up(options: StackOptions, say: Callable[[str], None] = _say) -> int:

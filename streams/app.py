@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -75,6 +76,7 @@ from packetless.kafka import (
     ensure_schemas,
     ensure_topics,
 )
+from packetless.ports import port_free, port_taken_message
 from packetless.serde import Codec, DecodeError
 from packetless.topics import topic_name
 from streams import ecs, ocsf
@@ -1116,6 +1118,10 @@ def _aiokafka_security(settings: Settings) -> dict[str, Any]:
 def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
          workers_group: str = "packetless-streams", **tuning: Any) -> int:
     """Run one worker until SIGINT/SIGTERM; returns the exit code."""
+    if not port_free(web_host, web_port):
+        print(f"packetless streams: cannot serve the web views on {web_host}:{web_port}: "
+              f"{port_taken_message(web_port)} (choose another --web-port)", file=sys.stderr)
+        return 2
     options = StreamOptions.from_options(**tuning)
     ensure_topics(settings)
     ensure_schemas(Codec(settings))

@@ -21,6 +21,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from deploy import broker
+from packetless.ports import port_free
 from tests.conftest import free_port
 
 READY_TIMEOUT = 90.0
@@ -131,7 +132,7 @@ def test_produce_consume_survives_restart(tmp_path: Path, classpath: Path) -> No
 def test_taken_port_is_reported_before_start(
     running: broker.BrokerConfig, tmp_path: Path, classpath: Path
 ) -> None:
-    assert not broker.port_free(running.host, running.port)
+    assert not port_free(running.host, running.port)
     cfg = make_config(tmp_path / "second", port=running.port)
     broker.prepare(cfg, classpath)
     with pytest.raises(

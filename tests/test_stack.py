@@ -116,6 +116,15 @@ def test_up_names_a_taken_port_before_starting_anything(tmp_path: Path, option: 
     assert "starting" not in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_streams_names_a_taken_web_port(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", free_port())) as busy:
+        port = busy.getsockname()[1]
+        out = cli("streams", "--web-port", str(port), "--data-dir", str(tmp_path), timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert f"on 127.0.0.1:{port}: port {port} is taken by another process" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+
+
 def test_up_refuses_one_port_for_two_parts(tmp_path: Path) -> None:
     kafka, shared = free_port_pair(), free_port()
     out = cli("up", "--data-dir", str(tmp_path), "--kafka-port", str(kafka),
