@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -112,13 +113,14 @@ def stop(proc: subprocess.Popen[bytes]) -> str:
 def flow_ends(settings: Settings) -> tuple[int, int, int, list[dict]]:
     """A loopback exchange by this (root) process: (bytes sent, received, ports, END records)."""
     n, m = 54_321, 12_345
+    since = time.time()
     client_port, server_port = exchange(n, m)
 
     def ours(rec: dict) -> bool:
         return rec["type"] == "END" and {rec["local_port"], rec["remote_port"]} == {
             client_port, server_port}
 
-    return n, m, client_port, records(settings, "raw.ebpf", ours, 2)
+    return n, m, client_port, records(settings, "raw.ebpf", ours, 2, since=since)
 
 
 def check_flow(settings: Settings, exe_readable: bool) -> str:

@@ -101,6 +101,7 @@ def test_odd_and_huge_command_lines(settings: Settings, ebpf_sensor: subprocess.
     # ~1 MB: one argument quadratic redaction rules would take minutes on, nine of 100 kB
     huge = [b"--" + b"password" * 16_000 + b"!"] + [b"A" * 100_000] * 9
     sizes = {"odd": sum(map(len, odd)), "huge": sum(map(len, huge))}
+    since = time.time()
     clients = {name: connect_from(argv, server.port, 10_000 + i)
                for i, (name, argv) in enumerate((("odd", odd), ("huge", huge)))}
     pids = {client.pid: name for name, client in clients.items()}
@@ -111,13 +112,14 @@ def test_odd_and_huge_command_lines(settings: Settings, ebpf_sensor: subprocess.
 
     started = time.monotonic()
     encoded: list[int] = []
-    starts = records(settings, "raw.ebpf", ours("START"), 2, sizes=encoded)  # clients wait
+    starts = records(settings, "raw.ebpf", ours("START"), 2, since=since,
+                     sizes=encoded)  # clients wait
     largest = max(encoded, default=0)
     took = time.monotonic() - started
     server.close()
     for client in clients.values():
         assert client.wait(30) == 0
-    ends = records(settings, "raw.ebpf", ours("END"), 2)
+    ends = records(settings, "raw.ebpf", ours("END"), 2, since=since)
     assert proc.poll() is None, "the sensor stopped"
     by_name = {pids[r["process"]["pid"]]: r for r in starts if r["process"]["pid"] in pids}
     assert set(by_name) == {"odd", "huge"}, starts
@@ -191,13 +193,14 @@ def test_short_lived_container_storm(settings: Settings, docker_client: docker.D
     ends = records(settings, "raw.ebpf", lambda r: r["type"] == "END" and r["role"] == "CLIENT"
                    and r["remote_ip"] == gateway and r["remote_port"] == server.port
                    and r["timestamp_ns"] >= started_ns, len(server.received),
-                   timeout=60 + count / 2)
+                   since=started_ns / 1e9, timeout=60 + count / 2)
     server.close()
     if ebpf_sensor.poll() is not None:
         output = ebpf_sensor.stdout.read().decode(errors="replace") if ebpf_sensor.stdout else ""
         pytest.fail(f"the sensor stopped ({ebpf_sensor.returncode}):\n{output[-6000:]}")
     reports = records(settings, "raw.ebpf", lambda r: r["type"] == "DROPS"
-                      and r["timestamp_ns"] >= started_ns, 1_000_000, timeout=5)
+                      and r["timestamp_ns"] >= started_ns, 1_000_000, since=started_ns / 1e9,
+                      timeout=5)
     drops = {k: v for k, v in reports[-1]["drops"].items() if v} if reports else {}
     got: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in ends:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import TopicPartition
 
 import schemas
 from packetless.config import Settings
@@ -93,13 +94,18 @@ def exchange(n: int, m: int) -> tuple[int, int]:
     return client_port, port
 
 
-def records(settings: Settings, suffix: str, match: Any, want: int, timeout: float = 60,
-            sizes: list[int] | None = None) -> list[dict]:
-    """Up to ``want`` decoded records of ``suffix`` that ``match``; their encoded sizes are
+def records(settings: Settings, suffix: str, match: Any, want: int, *, since: float,
+            timeout: float = 60, sizes: list[int] | None = None) -> list[dict]:
+    """Up to ``want`` decoded records of ``suffix`` that ``match``, of those produced from
+    ``since`` (epoch seconds) on: the session's topics hold every earlier test's records, which a
+    host with many sockets makes too many to read through in time. Their encoded sizes are
     appended to ``sizes`` when given."""
     codec = Codec(settings)
     cons = consumer(settings, None)
-    cons.subscribe([topic_name(settings, suffix)])
+    topic = topic_name(settings, suffix)
+    partitions = cons.list_topics(topic, timeout=10).topics[topic].partitions
+    cons.assign(cons.offsets_for_times(
+        [TopicPartition(topic, p, round(since * 1000)) for p in partitions], timeout=10))
     found: list[dict] = []
     deadline = time.monotonic() + timeout
     try:
@@ -139,13 +145,14 @@ def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
     stopper.append(proc)
     assert wait_mode(proc, tmp_path)["mode"] == "ebpf"
     n, m = 123_457, 76_543
+    since = time.time()
     client_port, server_port = exchange(n, m)
 
     def ours(rec: dict) -> bool:
         return rec["type"] == "END" and {rec["local_port"], rec["remote_port"]} == {client_port,
                                                                                      server_port}
 
-    ends = records(settings, "raw.ebpf", ours, 2)
+    ends = records(settings, "raw.ebpf", ours, 2, since=since)
     assert len(ends) == 2, ends
     by_role = {r["role"]: r for r in ends}
     assert by_role["CLIENT"]["bytes_sent"] == n and by_role["CLIENT"]["bytes_received"] == m
@@ -173,11 +180,13 @@ def test_sensor_publishes_exact_flows(settings: Settings, tmp_path: Path,
             s.close()
     assert fill <= before + (2 * HELD + 200) / entries  # counted once each (others: +-100)
     # lineage in eBPF mode comes from the sched tracepoints: a process of a millisecond
+    since = time.time()
     brief = subprocess.run(["/bin/sh", "-c", "echo $$"], capture_output=True, text=True,
                            check=True)
     pid = int(brief.stdout)
     lineage = records(settings, "meta.processes",
-                      lambda rec: rec["process"]["pid"] == pid and rec["source"] == "EBPF", 2)
+                      lambda rec: rec["process"]["pid"] == pid and rec["source"] == "EBPF", 2,
+                      since=since)
     assert sorted(r["type"] for r in lineage) == ["EXEC", "EXIT"], lineage
     assert all(r["process"]["ppid"] == os.getpid() for r in lineage)
 
@@ -209,6 +218,7 @@ def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: P
     conn, _ = srv.accept()
     cli.sendall(b"x" * 5000)
     conn.recv(65536)
+    since = time.time()
     proc = sensor_process(settings, tmp_path, "--mode", "netlink", "--snapshot-interval", "1")
     stopper.append(proc)
     assert wait_mode(proc, tmp_path)["mode"] == "netlink"
@@ -217,7 +227,7 @@ def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: P
         sock = rec.get("socket")
         return bool(sock) and port in (sock.get("local_port"), sock.get("remote_port"))
 
-    snaps = records(settings, "raw.netlink", ours, 2)
+    snaps = records(settings, "raw.netlink", ours, 2, since=since)
     for s in (cli, conn, srv):
         s.close()
     assert len(snaps) >= 2, snaps
