@@ -18,7 +18,6 @@ from typing import Any
 import click
 from confluent_kafka import KafkaException
 
-from packetless import doctor as doctor_mod
 from packetless.config import (
     DEFAULT_CACHE_DIR,
     DEFAULT_DATA_DIR,
@@ -214,6 +213,8 @@ def top(settings: Settings, web_url: str, refresh: float) -> None:
 @_opt("--json", "as_json", is_flag=True, default=False, help="Machine-readable output.")
 def doctor(settings: Settings, as_json: bool) -> None:
     """Check every prerequisite, explain what is missing, say which sensor mode will run."""
+    from packetless import doctor as doctor_mod
+
     results = doctor_mod.checks(settings)
     mode, why = doctor_mod.sensor_mode(results)
     if as_json:

@@ -234,6 +234,14 @@ def test_sensor_netlink_mode_publishes_snapshots(settings: Settings, tmp_path: P
     assert all(s["socket"]["cookie"] for s in snaps)
 
 
+def test_the_sensor_leaves_out_what_only_other_commands_use() -> None:
+    """httpx (doctor, top) brings rich and pygments: about 4 MiB of a sensor that never uses them."""
+    out = subprocess.run([sys.executable, "-c", "import sys, packetless.cli, sensor.run; "
+                          "print(sorted({'httpx', 'rich', 'pygments', 'faust'} & set(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_a_taken_metrics_port_is_named_not_a_traceback(settings: Settings, tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", free_port())) as busy:
         port = busy.getsockname()[1]
