@@ -597,9 +597,10 @@ def create_topics(client: AdminClient, topics: list[NewTopic], timeout: float = 
     """
     existing = set(client.list_topics(timeout=timeout).topics)
     new = [t for t in topics if t.topic not in existing]
+    if not new:
+        return []
     created = []
-    for name, future in (client.create_topics(new, operation_timeout=timeout).items()
-                         if new else ()):
+    for name, future in client.create_topics(new, operation_timeout=timeout).items():
         try:
             future.result()
             created.append(name)
