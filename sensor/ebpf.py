@@ -2,10 +2,18 @@
 sensor/bpfload.py), attaches it to the cgroup2 root and turns its ring-buffer events and
 in-kernel counters into ``raw.ebpf`` records (schema ``packetless.EbpfEvent``): START/END/FAILURE
 per TCP connection and UDP peer, with UPDATEs.
+
+User space keeps each followed flow between its START and END packed (``Live``). A TCP flow
+that outlives a scan (at most 5 s; sooner in a burst of new connections, see TCP_YOUNG) moves
+out of the dict of young flows into ``TcpFlows``: fixed-size rows of one buffer, found by cookie
+through a sorted numpy index, with no Python object per flow (a host can have 100,000 live
+sockets and more); a ``Live`` is made for such a flow only while one of its records is built.
+Short flows, most of them, never leave the dict.
 """
 
 from __future__ import annotations
 
+import bisect
 import ctypes as ct
 import hashlib
 import importlib.util
@@ -15,8 +23,9 @@ import socket
 import struct
 import threading
 import time
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -60,6 +69,11 @@ ADDRESS_CACHE = 4096
 HANDLE_CHUNK = 1024  # events handled between two reads of the ring buffer
 BACKLOG_MAX = 262144  # events read ahead of handling at most (about 40 MB)
 ENDED_MEMORY = 4096  # TCP cookies remembered after END, to drop a START that raced it
+TCP_SLOTS_ADDED = 4096  # rows for TCP flows added at once (mapped apart: no copy, no slack)
+# young TCP flows (Live objects in a dict) packed before the next scan once they are this many
+# (a burst of new connections, or of STARTs lost and adopted by a scan): the Python heap would
+# keep the room of a burst's young flows once they are packed
+TCP_YOUNG = 4096
 HASH_MAPS = ("tcp_flows", "udp_flows", "owners", "sk_cookie", "listeners")
 MAPS = ("events", "drops", "config", *HASH_MAPS)
 # the cgroup programs: (function, program type, attach type), kernel UAPI numbers (enum
@@ -219,6 +233,151 @@ class Live:
         self.packed = REPORTED.pack(ns, retrans, *counters) + self.packed[REPORTED.size:]
 
 
+ROW = PACKED[16].size  # a TCP flow's row in TcpFlows: its Live.packed, NUL-padded
+FAMILY_AT = struct.calcsize(f"{REPORTED.format}Q2H2B")  # a Flow's family, after proto and role
+
+
+@dataclass(slots=True)
+class Followed(Live):
+    """A ``Live`` made from a row of ``TcpFlows``, while a record of the flow is built: what it
+    reports is written back to its row (its owner is the row's, fixed once stored)."""
+
+    flows: TcpFlows
+    slot: int
+
+    def report(self, ns: int, retrans: int, counters: tuple[int, ...]) -> None:
+        Live.report(self, ns, retrans, counters)
+        self.flows.write(self.slot, self.packed)
+
+
+class TcpFlows:
+    """The TCP flows that outlived a scan, by cookie, without a Python object per flow: a
+    ``Live`` and its dict entry and key took about 220 bytes of small objects per flow (22 MiB
+    for 100,000 sockets), which also kept the Python heap from going back to the system after
+    a burst. (Flows younger than a scan stay ``Live`` objects in a dict: most flows are short,
+    and a dict costs them nothing more; see EbpfSensor._pack_tcp.)
+
+    A flow has a slot: its ``Live.packed`` at ``slot * ROW`` in one buffer (NUL-padded), its
+    cookie (0: a free slot) and owner at ``slot`` in an array and a list. It is found through
+    the cookies sorted in a numpy array beside their slots, sorted again after flows are
+    added or ended (``index``); until then the entries of the flows ended are stale (their
+    slot holds another cookie, or none) and skipped. Slots are never given back (the space of
+    131,072 flows is about 13 MiB).
+    """
+
+    def __init__(self) -> None:
+        self._rows = bytearray()
+        self._cookies = array("Q")  # by slot; 0: free
+        self._owners: list[dict[str, Any] | None] = []
+        self._free = array("I")
+        self._keys = np.zeros(0, np.uint64)  # the index: sorted cookies
+        self._slots = np.zeros(0, np.uint32)  # and their slots
+        # bisect reads a memoryview's items as ints: a lookup without a numpy call
+        self._key_view, self._slot_view = memoryview(self._keys), memoryview(self._slots)
+        self.last = 0  # the largest indexed cookie: larger ones are not here
+        self._changed = False  # flows added or ended since the index was sorted
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __contains__(self, cookie: int) -> bool:
+        return self._slot(cookie) >= 0
+
+    def get(self, cookie: int) -> Followed | None:
+        slot = self._slot(cookie)
+        return None if slot < 0 else self.at(slot)
+
+    def at(self, slot: int) -> Followed:
+        """The flow in ``slot``."""
+        start = slot * ROW
+        size = PACKED[16 if self._rows[start + FAMILY_AT] == AF_INET6 else 4].size
+        return Followed(bytes(self._rows[start:start + size]), self._owners[slot], self, slot)
+
+    def reported(self, slot: int) -> tuple[int, ...]:
+        """``Live.reported`` of the flow in ``slot``, without making its ``Live``."""
+        return REPORTED.unpack_from(self._rows, slot * ROW)
+
+    def write(self, slot: int, packed: bytes) -> None:
+        self._rows[slot * ROW:slot * ROW + len(packed)] = packed
+
+    def add(self, flows: Iterable[tuple[int, Live]]) -> None:
+        """Follow the (cookie, flow) ``flows`` (cookies not followed yet), then ``index``."""
+        for cookie, live in flows:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self._rows[slot * ROW:(slot + 1) * ROW] = live.packed.ljust(ROW, b"\0")
+            self._cookies[slot] = cookie
+            self._owners[slot] = live.owner
+            self._count += 1
+            self._changed = True
+        self.index()
+
+    def pop(self, cookie: int) -> Live | None:
+        """Stop following ``cookie``; its flow, or None if it was not followed."""
+        slot = self._slot(cookie)
+        if slot < 0:
+            return None
+        start = slot * ROW
+        size = PACKED[16 if self._rows[start + FAMILY_AT] == AF_INET6 else 4].size
+        live = Live(bytes(self._rows[start:start + size]), self._owners[slot])
+        self._cookies[slot] = 0
+        self._owners[slot] = None
+        self._free.append(slot)
+        self._count -= 1
+        self._changed = True
+        return live
+
+    def cookies(self) -> np.ndarray:
+        """The cookies followed, in no order."""
+        by_slot = np.frombuffer(self._cookies, np.uint64)
+        return by_slot[by_slot != 0]
+
+    def slots(self, cookies: np.ndarray) -> list[int]:
+        """The slot of each of ``cookies`` (-1: not followed), looked up at once."""
+        if not len(self._keys):
+            return [-1] * len(cookies)
+        at = np.minimum(np.searchsorted(self._keys, cookies), len(self._keys) - 1)
+        slots = self._slots[at]
+        current = np.frombuffer(self._cookies, np.uint64)[slots] == cookies  # not stale
+        return np.where((self._keys[at] == cookies) & current, slots.astype(np.int64),
+                        -1).tolist()
+
+    def index(self) -> None:
+        """Sort the index again, with the flows added and without those ended."""
+        if not self._changed:
+            return
+        by_slot = np.frombuffer(self._cookies, np.uint64)
+        slots = np.flatnonzero(by_slot).astype(np.uint32)
+        cookies = by_slot[slots]
+        del by_slot  # the array may grow again
+        order = np.argsort(cookies)
+        self._keys, self._slots = cookies[order], slots[order]
+        self._key_view, self._slot_view = memoryview(self._keys), memoryview(self._slots)
+        self.last = int(self._keys[-1]) if len(self._keys) else 0
+        self._changed = False
+
+    def _slot(self, cookie: int) -> int:
+        if cookie > self.last:
+            return -1
+        keys = self._key_view
+        at = bisect.bisect_left(keys, cookie)
+        if at < len(keys) and keys[at] == cookie:
+            slot = self._slot_view[at]
+            if self._cookies[slot] == cookie:
+                return slot
+        return -1
+
+    def _grow(self) -> None:
+        """TCP_SLOTS_ADDED more free slots (the lowest given first)."""
+        start, count = len(self._cookies), TCP_SLOTS_ADDED
+        self._rows += bytes(count * ROW)
+        self._cookies.frombytes(bytes(count * self._cookies.itemsize))
+        self._owners += [None] * count
+        self._free.extend(range(start + count - 1, start - 1, -1))
+
+
 def available() -> tuple[bool, str]:
     """Whether the eBPF sensor can run here, and if not, why (for doctor and the fallback)."""
     lacking = privileges.ebpf_missing()
@@ -290,7 +449,8 @@ class EbpfSensor:
         self._id_prefix = hashlib.blake2b(f"{options.host_name}|{self.boot_id}|".encode(),
                                           digest_size=16)
         self._addresses: dict[tuple[int, bytes, bytes], tuple[str, str, str]] = {}
-        self._tcp: dict[int, Live] = {}
+        self._tcp: dict[int, Live] = {}  # flows started since the last scan
+        self._tcp_packed = TcpFlows()  # the older ones (see _pack_tcp)
         self._tcp_missing: set[int] = set()  # flows gone from the kernel map at the last scan
         self._udp: dict[UdpKey, Live] = {}
         self._udp_by_cookie: dict[int, set[UdpKey]] = {}
@@ -388,6 +548,7 @@ class EbpfSensor:
                 self._ring.consume()
             for values in EVENT.iter_unpack(pending[start:start + chunk]):
                 self._handle(make(values))
+            self._pack_tcp_burst()
         return len(pending) // EVENT.size
 
     def _handle(self, ev: Event) -> None:
@@ -400,7 +561,7 @@ class EbpfSensor:
         elif ev.type in (EV_END, EV_FAILURE):
             self._tcp_end(ev)
         elif ev.type == EV_STATE:
-            live = self._tcp.get(ev.cookie)
+            live = self._tcp.get(ev.cookie) or self._tcp_packed.get(ev.cookie)
             if live is not None:
                 self._emit("STATE", ev.cookie, live, self._ns(ev.ts_ns), counters=ev[COUNTERS],
                            state=TCP_STATES.get(ev.state),
@@ -412,7 +573,9 @@ class EbpfSensor:
 
     def _tcp_start(self, ev: Event, synthesized: bool = False) -> Live | None:
         cookie = ev.cookie
-        if cookie in self._ended or cookie in self._tcp:
+        packed = self._tcp_packed  # a new socket's cookie is above all of them: one compare
+        if cookie in self._ended or cookie in self._tcp \
+                or (cookie <= packed.last and cookie in packed):
             return None  # a first-I/O START racing the END on another CPU
         live = self._tcp[cookie] = self._live_of(PROTO_TCP, ev)
         self._emit("START", cookie, live, self._ns(ev.ts_ns),
@@ -422,7 +585,7 @@ class EbpfSensor:
     def _tcp_end(self, ev: Event) -> None:
         failed = ev.type == EV_FAILURE
         cookie = ev.cookie
-        live = self._tcp.pop(cookie, None)
+        live = self._tcp.pop(cookie, None) or self._tcp_packed.pop(cookie)
         if live is None and not failed:
             live = self._tcp_start(ev, synthesized=True)  # closed before any I/O, or lost
             self._tcp.pop(cookie, None)
@@ -489,26 +652,34 @@ class EbpfSensor:
         """The flows of the map a batch at a time: its cookies and, once a flow is due, the
         bytes read of the batch's sockets are numpy arrays (a set and a dict of 100,000 ints
         made at every scan cost 16 MB)."""
-        known = np.fromiter(self._tcp, np.uint64, len(self._tcp))
+        self._pack_tcp()
+        flows = self._tcp_packed
+        known = flows.cookies()
         in_map: list[np.ndarray] = []
         read: tuple[np.ndarray, np.ndarray] | None = None  # see _bytes_read
-        reported_of = REPORTED.unpack_from  # Live.reported, without a Python call per flow
         for keys, values, count in self.maps["tcp_flows"].batches():
             cookies = np.frombuffer(keys, np.uint64, count).copy()  # u64 keys
             in_map.append(cookies)
             batch_read: list[int] | None = None
-            for i, cookie in enumerate(cookies.tolist()):
+            for i, (cookie, slot) in enumerate(zip(cookies.tolist(), flows.slots(cookies),
+                                                   strict=True)):
                 f = values[i]
-                live = self._tcp.get(cookie)
-                if live is None:
-                    if not f.flags & F_STARTED or cookie in self._ended:
-                        continue
-                    live = self._adopt_tcp(cookie, f)  # its START event was lost
-                reported = reported_of(live.packed)
+                if slot >= 0:
+                    live = None
+                    reported = flows.reported(slot)
+                else:
+                    live = self._tcp.get(cookie)  # adopted by this scan (a batch may repeat)
+                    if live is None:
+                        if not f.flags & F_STARTED or cookie in self._ended:
+                            continue
+                        live = self._adopt_tcp(cookie, f)  # its START event was lost
+                    reported = live.reported
                 retrans = f.retrans
                 due = now - reported[0] >= interval
                 if not due and retrans <= reported[1]:
                     continue
+                if live is None:
+                    live = flows.at(slot)
                 if batch_read is None:
                     read = read or self._bytes_read()
                     batch_read = _lookup(read, cookies)
@@ -520,15 +691,16 @@ class EbpfSensor:
                 if due and counters != live.reported[2:]:
                     self._emit("UPDATE", cookie, live, now, counters=counters, rtt=_rtt(f),
                                state="ESTABLISHED")
+            self._pack_tcp_burst()  # the flows adopted (after a burst's lost STARTs)
         unseen = known[~np.isin(known, np.concatenate(in_map))] if in_map else known
         missing = self._tcp_missing
         self._tcp_missing = set()
-        for cookie in [c for c in unseen.tolist() if c in self._tcp]:
-            if cookie in missing:  # gone at two scans and no END arrived: the END was lost
-                live = self._tcp.pop(cookie)
-                self._emit("END", cookie, live, now, counters=live.reported[2:])
-            else:
+        for cookie in unseen.tolist():
+            if cookie not in missing:
                 self._tcp_missing.add(cookie)
+            elif (live := flows.pop(cookie)) is not None:
+                # gone at two scans and no END arrived: the END was lost
+                self._emit("END", cookie, live, now, counters=live.reported[2:])
 
     def _bytes_read(self) -> tuple[np.ndarray, np.ndarray]:
         """The cookies of sk_cookie's sockets, sorted, and the bytes their applications read."""
@@ -554,11 +726,26 @@ class EbpfSensor:
             return None
         return self._owner(tuple(getattr(o, name) for name in Owner._fields))
 
+    def _pack_tcp(self) -> None:
+        """Move the young TCP flows (started since the last scan, or the last TCP_YOUNG) into
+        ``_tcp_packed``: those still followed then are the long-lived ones, which a host can
+        have by the 100,000."""
+        if self._tcp:
+            self._tcp_packed.add(self._tcp.items())
+            self._tcp = {}
+        self._tcp_packed.index()
+
+    def _pack_tcp_burst(self) -> None:
+        """``_pack_tcp`` already if TCP_YOUNG flows are young (between two batches of events,
+        or of a scan's flows: a flow being reported is not moved)."""
+        if len(self._tcp) >= TCP_YOUNG:
+            self._pack_tcp()
+
     def _adopt_tcp(self, cookie: int, f: Any) -> Live:
         start_ns = self._ns(f.start_ns)
-        live = Live.new(PROTO_TCP, start_ns, f.role, f.family, bytes(f.laddr), f.lport,
-                        bytes(f.raddr), f.rport, self._owner_of(cookie))
-        self._tcp[cookie] = live
+        live = self._tcp[cookie] = Live.new(PROTO_TCP, start_ns, f.role, f.family,
+                                            bytes(f.laddr), f.lport, bytes(f.raddr), f.rport,
+                                            self._owner_of(cookie))
         self._emit("START", cookie, live, start_ns, counters=(0, 0, 0, 0), state="ESTABLISHED")
         return live
 

@@ -23,26 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pyroute2 import IPRoute
-from pyroute2.netlink import (
-    NETLINK_ROUTE,
-    NETLINK_SOCK_DIAG,
-    NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-)
-from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, SS_ALL, inet_diag_msg
 
 from sensor import privileges
 from sensor.cgroups import CgroupResolver, ContainerRef
 from sensor.netns import Namespace, discover_namespaces, socket_in
 from sensor.owners import Owners, SocketOwners
 from sensor.processes import ProcessCache
+from sensor.pyroute2_parts import diag, ifinfmsg, netlink, rtnl
 
 log = logging.getLogger(__name__)
 
 TOPIC = "raw.netlink"
+NETLINK_ROUTE, NETLINK_SOCK_DIAG = netlink.NETLINK_ROUTE, netlink.NETLINK_SOCK_DIAG
+NLM_F_REQUEST, NLM_F_DUMP = netlink.NLM_F_REQUEST, netlink.NLM_F_DUMP
+NLMSG_ERROR, NLMSG_DONE = netlink.NLMSG_ERROR, netlink.NLMSG_DONE
+SOCK_DIAG_BY_FAMILY, SS_ALL = diag.SOCK_DIAG_BY_FAMILY, diag.SS_ALL
 INET_DIAG_INFO = 2
 INET_DIAG_CONG = 4
 INET_DIAG_CGROUP_ID = 21
@@ -82,7 +77,8 @@ _TCP_FIELDS = {
     "delivery_rate": "tcpi_delivery_rate", "pacing_rate": "tcpi_pacing_rate",
 }
 _TCP_MEMBERS = {member: name for name, member in _TCP_FIELDS.items()}
-_TCP_LAYOUT = [(_TCP_MEMBERS.get(member), fmt) for member, fmt in inet_diag_msg.tcp_info.fields]
+_TCP_LAYOUT = [(_TCP_MEMBERS.get(member), fmt)
+               for member, fmt in diag.inet_diag_msg.tcp_info.fields]
 _TCP_INFO = struct.Struct("=" + "".join(
     fmt if name else f"{struct.calcsize('=' + fmt)}x" for name, fmt in _TCP_LAYOUT))
 _TCP_NAMES = tuple(name for name, _ in _TCP_LAYOUT if name)
@@ -270,11 +266,7 @@ def _dump(sock: socket.socket, family: int, protocol: int, seq: int,
             if msg_type == NLMSG_DONE:
                 return
             if msg_type == NLMSG_ERROR:
-                if body + 4 > min(end, size):
-                    raise OSError(errno.EPROTO, "sock_diag dump: truncated NLMSG_ERROR reply")
-                code = -struct.unpack_from("=i", data, body)[0]
-                if code:  # 0 is an acknowledgement, not an error
-                    raise OSError(code, f"sock_diag dump: {errno.errorcode.get(code, 'unknown error')}")
+                _check_error(data, body, min(end, size), "sock_diag dump")
                 continue
             if msg_type == SOCK_DIAG_BY_FAMILY:
                 if end > size or end - body < _INET_DIAG_MSG.size:
@@ -289,6 +281,45 @@ def _dump(sock: socket.socket, family: int, protocol: int, seq: int,
                     continue
                 by_length[length], last, last_index = index, layouts[index], index
                 yield last.compare.unpack_from(data, start), data, start, end, index
+
+
+def _check_error(data: bytes, body: int, end: int, what: str) -> None:
+    """Raise the error of the NLMSG_ERROR message whose body is ``data[body:end]`` (a code of 0
+    is an acknowledgement, not an error)."""
+    if body + 4 > end:
+        raise OSError(errno.EPROTO, f"{what}: truncated NLMSG_ERROR reply")
+    code = -struct.unpack_from("=i", data, body)[0]
+    if code:
+        raise OSError(code, f"{what}: {errno.errorcode.get(code, 'unknown error')}")
+
+
+def dump_links(sock: socket.socket, seq: int = 1) -> Iterator[Any]:
+    """The interfaces of the namespace of the NETLINK_ROUTE ``sock`` (an RTM_GETLINK dump), as
+    pyroute2's decoded ``ifinfmsg`` messages (what its ``IPRoute.get_links`` gives, without an
+    IPRoute: that class brings an asyncio loop per use and 80 more modules)."""
+    request = ifinfmsg()
+    request["header"].update(type=rtnl.RTM_GETLINK, flags=NLM_F_REQUEST | NLM_F_DUMP,
+                             sequence_number=seq)
+    request.encode()
+    sock.send(request.data)
+    while True:
+        data = sock.recv(1 << 16)
+        offset, size = 0, len(data)
+        while offset + _NLMSGHDR.size <= size:
+            length, msg_type, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size or offset + length > size:
+                raise OSError(errno.EPROTO, "RTM_GETLINK dump: truncated message")
+            start, offset = offset, (offset + length + 3) & ~3
+            if msg_seq != seq:
+                continue
+            if msg_type == NLMSG_DONE:
+                return
+            if msg_type == NLMSG_ERROR:
+                _check_error(data, start + _NLMSGHDR.size, start + length, "RTM_GETLINK dump")
+            elif msg_type == rtnl.RTM_NEWLINK:
+                message = ifinfmsg(data, offset=start, length=length)
+                message.decode()
+                yield message
 
 
 def _head(data: bytes, body: int, end: int) -> tuple[int, ...]:
@@ -839,9 +870,12 @@ class _KeptSockets:
         self.seen += bytes(count)
         self._free.extend(range(start + count - 1, start - 1, -1))
 
-    def unseen(self) -> list[tuple[int, int]]:
-        """(cookie, slot) of the kept sockets the snapshot has not seen (yet)."""
+    def unseen(self, waiting: np.ndarray | None = None) -> list[tuple[int, int]]:
+        """(cookie, slot) of the kept sockets the snapshot has not seen (yet), but for the
+        cookies ``waiting`` (set aside, to be seen at the end of the snapshot)."""
         missing = np.frombuffer(bytes(self.seen), np.uint8)[self._slots] == 0
+        if waiting is not None and len(waiting):
+            missing &= np.isin(self._cookies, waiting, invert=True)
         return list(zip(self._cookies[missing].tolist(), self._slots[missing].tolist(),
                         strict=True))
 
@@ -940,7 +974,10 @@ class NetlinkSensor:
         """Sockets are published as they are read, with the owners /proc gave before the dump.
         A socket whose owner that read did not know (opened since, or on a descriptor number
         reused since) waits for the end of the dump: once the closed sockets are known, /proc
-        is read again for it (see SocketOwners)."""
+        is read again for it (see SocketOwners). The waiting sockets are nearly all of them in
+        a burst of new connections: they are kept as arrays and looked up a batch at a time
+        like the others (sets and lists of their cookies and inodes as ints took 15 MB of small
+        objects while the snapshot ran, and the Python heap kept that room afterwards)."""
         options = self.options
         now_ms = round(time.time() * 1000)
         namespaces = discover_namespaces(options.proc, self.enter_namespaces)
@@ -975,10 +1012,7 @@ class NetlinkSensor:
                         links += [(namespace, link) for link in self._links(namespace)]
                 except OSError as error:
                     self._namespace_error(namespace, error)
-            waited = set(waiting.cookies)
-            for cookie, slot in kept.unseen():
-                if cookie in waited:
-                    continue
+            for cookie, slot in kept.unseen(np.frombuffer(waiting.cookies, np.uint64)):
                 netns = kept.netns(slot)
                 if netns in dumped or netns not in namespaces:
                     gone.append((cookie, netns, slot))
@@ -986,13 +1020,15 @@ class NetlinkSensor:
                     kept.seen[slot] = 1
             self._owners.closed(kept.inode(slot) for _, _, slot in gone)
             if waiting.cookies:
-                state.owners = self._owners.complete(set(waiting.inodes), alive)
-                slots = kept.find(waiting.cookies.tolist())
-                pids = state.owners.pids(waiting.inodes.tolist())
-                for (namespace, dump, message), slot, pid in zip(waiting.messages(), slots, pids,
-                                                                 strict=True):
-                    if event := self._socket(dump, message, namespace, state, slot, pid):
-                        yield event
+                state.owners = self._owners.complete(np.frombuffer(waiting.inodes, np.uint64),
+                                                     np.frombuffer(alive, np.uint64))
+                for batch in _batches(waiting.messages(), LOOKUP_BATCH):
+                    slots = kept.find([message[0][1] for _, _, message in batch])
+                    pids = state.owners.pids([message[0][5] for _, _, message in batch])
+                    for (namespace, dump, message), slot, pid in zip(batch, slots, pids,
+                                                                     strict=True):
+                        if event := self._socket(dump, message, namespace, state, slot, pid):
+                            yield event
             for cookie, netns, slot in gone:
                 yield f"{host}:{cookie}", self._event("SOCKET_CLOSED", now_ms, netns,
                                                       _kept_record(kept.kept(slot))[1], None)
@@ -1119,8 +1155,9 @@ class NetlinkSensor:
         return process, container_id
 
     def _links(self, namespace: Namespace) -> list[dict[str, Any]]:
-        with IPRoute(fileno=self._open(namespace, NETLINK_ROUTE)) as ipr:
-            return [_link_record(msg, namespace) for msg in ipr.get_links()]
+        with socket.socket(fileno=self._open(namespace, NETLINK_ROUTE)) as sock:
+            sock.bind((0, 0))
+            return [_link_record(msg, namespace) for msg in dump_links(sock)]
 
 
 def _link_record(msg: Any, namespace: Namespace) -> dict[str, Any]:

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyroute2.netns
-
 from sensor.cgroups import cgroup_of_pid, container_from_cgroup_path
+from sensor.pyroute2_parts import setns
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def socket_in(netns_path: str, family: int, kind: int, protocol: int = 0) -> soc
         try:
             fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                pyroute2.netns.setns(fd, flags=0)
+                setns(fd, flags=0)
             finally:
                 os.close(fd)
             result["socket"] = socket.socket(family, kind | socket.SOCK_CLOEXEC, protocol)

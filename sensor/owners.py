@@ -7,7 +7,8 @@ process listing the same descriptors as before, none of them holding a socket cl
 whole. A process read for the first time is read without a listing if its descriptors are 0
 to n - 1 (most are). What is kept of a process is its listing and an array of inodes: about 14
 bytes per descriptor. The owners a read gives are sorted arrays (``Owners``), 12 bytes per
-socket where a dict took about 80, looked up a batch at a time.
+socket where a dict took about 80, looked up a batch at a time; ``complete`` takes the sockets
+to look for as arrays too (a burst of new connections makes them 100,000).
 
 A descriptor taken whole may hold another socket than when it was read, though no socket we
 know of closed: it held no socket then, or one the dump does not show (a Unix socket, say), or
@@ -56,11 +57,14 @@ class Owners(Mapping[int, int]):
 
     def pids(self, inodes: Sequence[int]) -> list[int]:
         """The owner of each of ``inodes`` (-1: none)."""
+        return self.owners(np.array(inodes, np.uint64)).tolist()
+
+    def owners(self, inodes: np.ndarray) -> np.ndarray:
+        """``pids`` of an array of inodes, as an array."""
         if not len(self._inodes):
-            return [-1] * len(inodes)
-        wanted = np.array(inodes, np.uint64)
-        at = np.minimum(np.searchsorted(self._inodes, wanted), len(self._inodes) - 1)
-        return np.where(self._inodes[at] == wanted, self._pids[at], -1).tolist()
+            return np.full(len(inodes), -1, np.int32)
+        at = np.minimum(np.searchsorted(self._inodes, inodes), len(self._inodes) - 1)
+        return np.where(self._inodes[at] == inodes, self._pids[at], -1)
 
     def __getitem__(self, inode: int) -> int:
         pid = self.pids([inode])[0]
@@ -99,16 +103,21 @@ class SocketOwners:
         self._gone.update(inodes)
         self._ownerless.difference_update(self._gone)
 
-    def complete(self, unknown: set[int], alive: Collection[int]) -> Owners:
+    def complete(self, unknown: Collection[int], alive: Collection[int]) -> Owners:
         """The owners in /proc now, read again for the ``unknown`` sockets (``alive``: the
         inodes of the sockets dumped). A socket still unknown after that takes a recheck, once
-        (a socket no process holds, a kernel one say, does not cost one at every snapshot)."""
+        (a socket no process holds, a kernel one say, does not cost one at every snapshot).
+        Both may be arrays of inodes: a burst of new sockets makes them 100,000 long, which
+        as sets of ints took 15 MB of small objects while the snapshot ran."""
         owners, unread = self._read()
-        missing = _unowned(owners, unknown - self._ownerless)
-        if missing and unread:
+        wanted = _inodes(unknown)
+        if self._ownerless:
+            wanted = wanted[np.isin(wanted, _inodes(self._ownerless), invert=True)]
+        missing = wanted[owners.owners(wanted) < 0]
+        if len(missing) and unread:
             self.rechecks += 1
-            owners = self._recheck(np.fromiter(alive, np.uint64, len(alive)))
-        self._ownerless.update(_unowned(owners, missing))
+            owners = self._recheck(_inodes(alive))
+        self._ownerless.update(missing[owners.owners(missing) < 0].tolist())
         return owners
 
     def ownerless(self, inode: int) -> bool:
@@ -220,10 +229,11 @@ def _held(processes: list[tuple[int, _Fds]]) -> np.ndarray:
                           or [np.zeros(0, np.uint64)])
 
 
-def _unowned(owners: Owners, inodes: set[int]) -> set[int]:
-    """Those of ``inodes`` without an owner in ``owners``."""
-    listed = list(inodes)
-    return {inode for inode, pid in zip(listed, owners.pids(listed), strict=True) if pid < 0}
+def _inodes(values: Collection[int]) -> np.ndarray:
+    """``values`` as an array of inodes (an array as it is)."""
+    if isinstance(values, np.ndarray):
+        return values.astype(np.uint64, copy=False)
+    return np.fromiter(values, np.uint64, len(values))
 
 
 def _read_dense(directory: int) -> tuple[list[str], array[int], bool]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import fastavro
 import fastavro.validation
+import numpy as np
 import pytest
 
 import schemas
@@ -310,10 +311,47 @@ def test_live_packs_its_flow() -> None:
                          None).flow.proto == ebpf.PROTO_UDP
 
 
+def test_packed_tcp_flows_found_by_cookie() -> None:
+    """TcpFlows finds its flows one at a time and a batch at a time, also once an ended flow's
+    slot holds another and before the index is sorted again; IPv6 flows keep their addresses;
+    what a record of a packed flow reports is written back to its row."""
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00::7")
+
+    def live(cookie: int) -> ebpf.Live:
+        family, address = (ebpf.AF_INET6, v6) if cookie % 2 else (ebpf.AF_INET, bytes(16))
+        return ebpf.Live.new(ebpf.PROTO_TCP, 1000 + cookie, 1, family, address, 40000 + cookie,
+                             address, 80, {"cookie": cookie})
+
+    flows = ebpf.TcpFlows()
+    many = range(10, 10 + 2 * ebpf.TCP_SLOTS_ADDED, 2)  # more than one growth
+    flows.add((cookie, live(cookie)) for cookie in (5, 3, *many))
+    assert len(flows) == 2 + len(many) and flows.last == many[-1]
+    for cookie in (3, 5, 10, many[-1]):
+        found = flows.get(cookie)
+        assert found is not None and found.flow == live(cookie).flow
+        assert found.owner == {"cookie": cookie}
+    assert 4 not in flows and many[-1] + 1 not in flows and flows.get(11) is None
+    ended = flows.pop(5)
+    assert ended is not None and ended.flow == live(5).flow and ended.owner == {"cookie": 5}
+    assert 5 not in flows and flows.pop(5) is None and len(flows) == 1 + len(many)
+    flows.add([(7, live(7))])  # in the slot 5 left
+    ended_slot = flows.get(7)
+    assert ended_slot is not None
+    assert flows.slots(np.array([3, 5, 7, 8], np.uint64)) == [flows.get(3).slot, -1,
+                                                              ended_slot.slot, -1]
+    flows.pop(3)  # the index is not sorted again until flows are added
+    assert 3 not in flows and flows.slots(np.array([3], np.uint64)) == [-1]
+    followed = flows.get(7)
+    followed.report(99, 2, (2**64 - 1, 2, 3, 4))
+    assert flows.get(7).reported == (99, 2, 2**64 - 1, 2, 3, 4) == flows.reported(followed.slot)
+    assert flows.get(7).flow == ebpf.Flow(99, 2, 2**64 - 1, 2, 3, 4, *live(7).flow[6:])
+    assert sorted(flows.cookies().tolist()) == [7, *many]
+
+
 def test_followed_flows_stay_small_and_report_the_same() -> None:
-    """20,000 TCP flows started by kernel events (decoded as poll() does) take at most 250 bytes
-    each, dict entry and key included; the records built from the compact state carry the
-    flow's fields, and its END its START's."""
+    """20,000 TCP flows started by kernel events (decoded as poll() does) and packed by a scan
+    take at most 130 bytes each (their Live objects in a dict took 210), index included; the
+    records built from the packed state carry the flow's fields, and its END its START's."""
     last: dict[str, dict[str, Any]] = {}  # the last record of each type (all kept: too big)
     sensor = ebpf.EbpfSensor(ebpf.EbpfOptions(host_name="test-host"),
                              lambda _topic, _key, record: last.update({record["type"]: record}))
@@ -336,13 +374,15 @@ def test_followed_flows_stay_small_and_report_the_same() -> None:
     try:
         before = tracemalloc.get_traced_memory()[0]
         handle(starts)
+        assert len(sensor._tcp) == count and not sensor._tcp_packed
+        sensor._pack_tcp()  # as the next scan does
         per_flow = (tracemalloc.get_traced_memory()[0] - before) / count
     finally:
         tracemalloc.stop()
     print(f"\n{per_flow:.0f} bytes per followed TCP flow")
-    assert len(sensor._tcp) == count and per_flow <= 250
+    assert len(sensor._tcp_packed) == count and not sensor._tcp and per_flow <= 130
     handle(ends)
-    assert not sensor._tcp
+    assert not sensor._tcp_packed and not sensor._tcp
     end = last["END"]
     assert last["START"]["start_ns"] == end["start_ns"] and last["START"]["bytes_sent"] == 10
     assert {k: end[k] for k in ("type", "cookie", "transport", "family", "role", "local_ip",

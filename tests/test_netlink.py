@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+import numpy as np
 import pytest
 
 import schemas
@@ -31,6 +32,7 @@ from sensor import netlink
 from sensor.containers import ContainerOptions, ContainerWatcher
 from sensor.netlink import NetlinkOptions, NetlinkSensor
 from sensor.netlink import run as run_netlink
+from sensor.netns import Namespace
 from sensor.processes import (
     REDACTED,
     LineageScanner,
@@ -713,6 +715,40 @@ def test_tcp_record_takes_the_members_in_their_order() -> None:
         assert (record["pacing_rate"], record["delivery_rate"]) == expected
 
 
+def test_links_dumped_as_pyroute2_iproute_dumps_them() -> None:
+    """The sensor's RTM_GETLINK dump (pyroute2's messages on its own socket, without IPRoute)
+    gives the INTERFACE records IPRoute.get_links gives, for the host's links and those of a new
+    namespace (loopback down, a bridge, a veth pair with one end up)."""
+    require_root()
+    from pyroute2 import IPRoute
+
+    name = f"pl-links-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for command in (["link", "add", "br-t", "type", "bridge"],
+                        ["link", "add", "ve-a", "mtu", "1400", "type", "veth", "peer", "name",
+                         "ve-b"], ["link", "set", "ve-a", "up"]):
+            subprocess.run(["ip", "-n", name, *command], check=True)
+        sensor = NetlinkSensor(NetlinkOptions(host_name="h"))
+        counters = {"rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "multicast"}
+        for namespace in (Namespace(1, "/proc/self/ns/net", host=True),
+                          Namespace(2, f"/run/netns/{name}", host=False, container_id="c1")):
+            ours = sensor._links(namespace)
+            with IPRoute(fileno=sensor._open(namespace, netlink.NETLINK_ROUTE)) as ipr:
+                theirs = [netlink._link_record(msg, namespace) for msg in ipr.get_links()]
+            if namespace.host:  # the host's counters move between the two dumps
+                ours, theirs = ([{k: v for k, v in link.items() if k not in counters}
+                                 for link in links] for links in (ours, theirs))
+            else:
+                assert {link["name"] for link in ours} == {"lo", "br-t", "ve-a", "ve-b"}
+                assert {link["kind"] for link in ours} == {None, "bridge", "veth"}
+                ve_a = next(link for link in ours if link["name"] == "ve-a")
+                assert ve_a["mtu"] == 1400 and ve_a["peer_ifindex"] > 0
+            assert ours == theirs and ours
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
 def test_records_from_layouts_equal_records_from_walks() -> None:
     """The records a snapshot builds through layouts equal those built by walking every
     message (a _Dump that names no layout), and those rebuilt from what is kept of them."""
@@ -767,8 +803,9 @@ def test_records_from_layouts_equal_records_from_walks() -> None:
 
 
 def test_kept_sockets_slots_and_index() -> None:
-    """The store of kept sockets: a socket keeps its slot until it is gone, a gone socket's slot
-    is given to the next new one, and a cookie stored twice in one snapshot is indexed once."""
+    """The store of kept sockets: a socket keeps its slot until it is gone (a socket set aside
+    in the snapshot is not unseen), a gone socket's slot is given to the next new one, and a
+    cookie stored twice in one snapshot is indexed once."""
     kept = netlink._KeptSockets()
     rows = [netlink._ROW.unpack(bytes([i]) * netlink._ROW.size) for i in range(4)]
     process = {"pid": 1}
@@ -786,6 +823,7 @@ def test_kept_sockets_slots_and_index() -> None:
     kept.begin()
     kept.seen[1] = 1
     assert kept.unseen() == [(20, 2), (30, 0)]
+    assert kept.unseen(np.array([30, 40], np.uint64)) == [(20, 2)]  # 30 waits for its owner
     store(20, 2, 1, rows[3], None, None)  # changed: same slot, new values
     assert kept.unseen() == [(30, 0)] and kept.kept(2) == (rows[3], None, None)
     kept.end([0])
