@@ -696,6 +696,22 @@ def test_rows_copied_through_layouts_equal_rows_packed_from_walks() -> None:
     assert copied.rows[slot_s * netlink._ROW.size:(slot_s + 1) * netlink._ROW.size] == \
         netlink._ROW.pack(*netlink._row(7, None, dump, (last.head, last.data, last.offset,
                                                         last.end, -1)))
+    # rows of a few messages each from many buffers (a snapshot republishing one idle socket
+    # in 12) keep at most COPY_BUFFERS buffers waiting, and are copied all the same
+    apart = _replay([message(c, cgroup(c), cong, info(c))
+                     for c in range(100, 100 + 3 * netlink.COPY_BUFFERS)])
+    assert len({id(m.data) for m in apart}) == 3 * netlink.COPY_BUFFERS
+    copied, written = netlink._KeptSockets(), netlink._KeptSockets()
+    copied.begin()
+    written.begin()
+    for m in apart:
+        copied.copy(copied.store(m.cookie, -1, 0, None, None), 7, None, dump.kind, m.data,
+                    m.offset, m.layout)
+        assert len(copied._copies) < netlink.COPY_BUFFERS
+        written.write(written.store(m.cookie, -1, 0, None, None),
+                      netlink._row(7, None, dump, (m.head, m.data, m.offset, m.end, -1)))
+    copied.end([])
+    assert copied.rows == written.rows
 
 
 def test_tcp_record_takes_the_members_in_their_order() -> None:
