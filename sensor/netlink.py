@@ -303,7 +303,7 @@ def dump_links(sock: socket.socket, seq: int = 1) -> Iterator[Any]:
     request.encode()
     sock.send(request.data)
     while True:
-        data = sock.recv(1 << 16)
+        data = sock.recv(1 << 20)
         offset, size = 0, len(data)
         while offset + _NLMSGHDR.size <= size:
             length, msg_type, _flags, msg_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
