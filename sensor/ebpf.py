@@ -290,9 +290,13 @@ class TcpFlows:
 
     def at(self, slot: int) -> Followed:
         """The flow in ``slot``."""
+        return Followed(self._packed(slot), self._owners[slot], self, slot)
+
+    def _packed(self, slot: int) -> bytes:
+        """The ``Live.packed`` of the flow in ``slot`` (its row without the padding)."""
         start = slot * ROW
         size = PACKED[16 if self._rows[start + FAMILY_AT] == AF_INET6 else 4].size
-        return Followed(bytes(self._rows[start:start + size]), self._owners[slot], self, slot)
+        return bytes(self._rows[start:start + size])
 
     def reported(self, slot: int) -> tuple[int, ...]:
         """``Live.reported`` of the flow in ``slot``, without making its ``Live``."""
@@ -319,9 +323,7 @@ class TcpFlows:
         slot = self._slot(cookie)
         if slot < 0:
             return None
-        start = slot * ROW
-        size = PACKED[16 if self._rows[start + FAMILY_AT] == AF_INET6 else 4].size
-        live = Live(bytes(self._rows[start:start + size]), self._owners[slot])
+        live = Live(self._packed(slot), self._owners[slot])
         self._cookies[slot] = 0
         self._owners[slot] = None
         self._free.append(slot)
