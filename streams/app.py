@@ -96,9 +96,9 @@ from streams.flows import (
     next_due,
     observe,
 )
-from streams.meta import MetaCache
+from streams.meta import Awaiting, MetaCache
 from streams.raw import Listeners, RawDecoder, from_ebpf, from_netlink
-from streams.records import container_of, enrichment, flow_record
+from streams.records import awaited, container_of, enrichment, flow_record
 from streams.windows import EntityState, WindowConfig
 
 log = logging.getLogger(__name__)
@@ -472,7 +472,7 @@ class Worker:
         # activity partition -> flows partition -> its latest watermark
         self.window_marks: dict[int, dict[int, int]] = {}
         self.windows_closed: dict[int, int] = {}  # activity partition -> its latest closing
-        self.incomplete: dict[int, set[bytes]] = {}  # flows whose metadata is not all known
+        self.awaiting: dict[int, Awaiting] = {}  # flows whose metadata is not all known
         self.lingering: dict[int, set[bytes]] = {}  # ended flows that only wait to be forgotten
         self.indexed: set[int] = set()
         self.meta_seen: dict[int, int] = {}
@@ -691,20 +691,17 @@ class Worker:
             for emission in due(state, clock, self.options.flow, sig, peer_may_come):
                 self.publish_flow(state, emission, now)
             index = self.due[state.partition]
-            incomplete = self.incomplete.setdefault(state.partition, set())
+            awaiting = self.awaiting.setdefault(state.partition, Awaiting())
             lingering = self.lingering.setdefault(state.partition, set())
             if expired(state, clock, self.options.flow):
                 if touched.stored is not None:
                     batch.writes.append((touched.event, key, None))
                 index.pop(key, None)
-                incomplete.discard(key)
+                awaiting.discard(key)
                 lingering.discard(key)
                 continue
             index[key] = next_due(state, self.options.flow, peer_may_come)
-            if "false" in sig:
-                incomplete.add(key)
-            else:
-                incomplete.discard(key)
+            awaiting.wait(key, awaited(state, self.meta) if "false" in sig else set())
             if state.ended and "false" not in sig:
                 lingering.add(key)
             else:
@@ -730,9 +727,9 @@ class Worker:
         (``DueIndex``) finds them without a pass over every live flow of the partition.
 
         The index is rebuilt from the table when the partition is (re)assigned, and flows
-        lacking metadata are revisited when the metadata changed. An ended flow with all its
-        metadata that is not in the batch has nothing left to emit: once due it is deleted
-        unread."""
+        lacking metadata are revisited when the metadata they lack came (``Awaiting``). An
+        ended flow with all its metadata that is not in the batch has nothing left to emit:
+        once due it is deleted unread."""
         partition = event.message.partition
         index = self.due[partition]
         if partition not in self.indexed:
@@ -741,9 +738,11 @@ class Worker:
                 if stored and stored["partition"] == partition:
                     index[key] = (0, 0)
             self.indexed.add(partition)
-        if self.meta.version != self.meta_seen.get(partition):
+        seen = self.meta_seen.get(partition)
+        if self.meta.version != seen:
             self.meta_seen[partition] = self.meta.version
-            for key in self.incomplete.get(partition, set()):
+            changed = self.meta.changed_since(seen) if seen is not None else None
+            for key in self.awaiting.get(partition, Awaiting()).lacking(changed):
                 index[key] = (0, 0)
         lingering = self.lingering.get(partition, set())
         for key in index.ready(now, self.watermarks.get(partition, 0), FLOW_BATCH):
@@ -764,7 +763,7 @@ class Worker:
         self.watermarks.clear()
         self.window_marks.clear()
         self.windows_closed.clear()
-        self.incomplete.clear()
+        self.awaiting.clear()
         self.lingering.clear()
         self.entity_cache.clear()
 

@@ -1,14 +1,20 @@
 """Container and process metadata, as read from meta.containers and meta.processes: the latest
-record per container id and per (host, pid), used to enrich flows (pure logic; the app feeds it).
+record per container id and per (host, pid), used to enrich flows (pure logic; the app feeds it),
+and the flows that still lack some of it, by what they lack (``Awaiting``).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_PROCESSES = 200_000
+CHANGES = 65_536  # the latest changes kept, to tell which flows new metadata concerns
+
+MetaKey = str | tuple[str, int]
+"""What a metadata record is about: a container id, or a process as (host, pid)."""
 
 
 @dataclass
@@ -19,17 +25,18 @@ class MetaCache:
     processes: OrderedDict[tuple[str, int], dict[str, Any]] = field(default_factory=OrderedDict)
     max_processes: int = MAX_PROCESSES
     version: int = 0  # changes whenever a container or process record changes the cache
+    changes: deque[MetaKey] = field(default_factory=lambda: deque(maxlen=CHANGES))  # by version
 
     def add_container(self, key: str | None, record: dict[str, Any] | None) -> None:
         """A meta.containers record; None (a tombstone) forgets the container."""
         if record is None:
             if key and self.containers.pop(key, None) is not None:
-                self.version += 1
+                self._changed(key)
             return
         current = self.containers.get(record["id"])
         if current is None or record["timestamp_ms"] >= current["timestamp_ms"]:
             self.containers[record["id"]] = record
-            self.version += 1
+            self._changed(record["id"])
 
     def add_process(self, record: dict[str, Any]) -> None:
         """A meta.processes record (EXIT keeps the last known process: its flows need it)."""
@@ -41,9 +48,21 @@ class MetaCache:
             return
         self.processes[key] = proc
         self.processes.move_to_end(key)
-        self.version += 1
+        self._changed(key)
         while len(self.processes) > self.max_processes:
             self.processes.popitem(last=False)
+
+    def _changed(self, key: MetaKey) -> None:
+        self.version += 1
+        self.changes.append(key)
+
+    def changed_since(self, version: int) -> set[MetaKey] | None:
+        """The containers and processes whose records changed the cache after ``version``; None
+        when that is further back than the cache remembers."""
+        count = self.version - version
+        if not 0 <= count <= len(self.changes):
+            return None
+        return set(itertools.islice(reversed(self.changes), count))
 
     def process(self, host: str, proc: dict[str, Any] | None) -> dict[str, Any] | None:
         """``proc`` completed from meta.processes (same pid and start time) when it lacks details."""
@@ -84,6 +103,46 @@ class MetaCache:
         known = ", ".join(_BOOL[c in self.containers] for c in container_ids if c)
         exes = ", ".join(_BOOL[bool((self.process(host, p) or {}).get("exe"))] for p in procs if p)
         return f"[[{known}], [{exes}]]"
+
+    def missing(self, host: str, container_ids: list[str | None],
+                procs: list[dict[str, Any] | None]) -> set[MetaKey]:
+        """The containers and processes of these that ``signature`` gives as not known."""
+        lacking: set[MetaKey] = {c for c in container_ids if c and c not in self.containers}
+        lacking.update((host, p["pid"]) for p in procs
+                       if p and not (self.process(host, p) or {}).get("exe"))
+        return lacking
+
+
+@dataclass
+class Awaiting:
+    """The flows of a partition that lack metadata, by what each lacks: new metadata revisits
+    the flows it concerns, not every incomplete flow."""
+
+    flows: dict[bytes, set[MetaKey]] = field(default_factory=dict)
+    by_key: dict[MetaKey, set[bytes]] = field(default_factory=dict)
+
+    def wait(self, flow: bytes, keys: set[MetaKey]) -> None:
+        """``flow`` lacks the metadata of ``keys`` now (none: it has all it needs)."""
+        if self.flows.get(flow) == keys:
+            return
+        self.discard(flow)
+        if keys:
+            self.flows[flow] = keys
+            for key in keys:
+                self.by_key.setdefault(key, set()).add(flow)
+
+    def discard(self, flow: bytes) -> None:
+        for key in self.flows.pop(flow, ()):
+            waiting = self.by_key[key]
+            waiting.discard(flow)
+            if not waiting:
+                del self.by_key[key]
+
+    def lacking(self, changed: set[MetaKey] | None) -> set[bytes]:
+        """The flows that lack one of ``changed`` (None: every flow that lacks something)."""
+        if changed is None:
+            return set(self.flows)
+        return set().union(*(self.by_key.get(key, ()) for key in changed))
 
 
 _BOOL = {True: "true", False: "false"}

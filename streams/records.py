@@ -12,7 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from streams.flows import IANA, Emission, FlowState, SocketState, family_of
-from streams.meta import MetaCache
+from streams.meta import MetaCache, MetaKey
 
 _SEED = struct.pack("!H", 0)  # Community ID seed
 _PORTS = struct.Struct("!HH")
@@ -63,9 +63,19 @@ def container_of(state: FlowState, sock: SocketState, meta: MetaCache) -> str | 
 
 def enrichment(state: FlowState, meta: MetaCache) -> str:
     """Signature of the metadata known for the flow's sockets (see ``flows.due``)."""
+    return meta.signature(*_described(state, meta))
+
+
+def awaited(state: FlowState, meta: MetaCache) -> set[MetaKey]:
+    """The containers and processes of the flow's sockets whose metadata is not known yet."""
+    return meta.missing(*_described(state, meta))
+
+
+def _described(state: FlowState, meta: MetaCache) -> tuple[str, list[str | None],
+                                                          list[dict[str, Any] | None]]:
+    """The host, containers and processes of the flow's sockets, which metadata describes."""
     socks = list(state.sockets.values())
-    return meta.signature(state.host, [container_of(state, s, meta) for s in socks],
-                          [s.process for s in socks])
+    return state.host, [container_of(state, s, meta) for s in socks], [s.process for s in socks]
 
 
 def flow_record(state: FlowState, emission: Emission, meta: MetaCache, now_ms: int) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from streams.flows import (
     normalize_ip,
     observe,
 )
-from streams.meta import MetaCache
+from streams.meta import Awaiting, MetaCache
 from streams.raw import Listeners, from_netlink
 from streams.records import community_id, flow_record
 from streams.windows import EntityState, RttAgg, WindowConfig
@@ -698,7 +698,8 @@ def test_flows_tick_loads_the_due_flows_longest_due_first(monkeypatch: pytest.Mo
     """A tick of the flows stage loads the flows due by the processing time or by the
     watermark, the longest due first, at most ``FLOW_BATCH``; an ended flow that only lingers
     is deleted unread; the others stay. A partition not indexed yet is indexed from its table
-    (all due), and its incomplete flows are due again when the metadata changed."""
+    (all due), and its flows that lack metadata are due again when some of what they lack came
+    (all of them when more changed than the cache remembers)."""
     import streams.app
     from streams.app import FlowBatch, Worker
 
@@ -714,7 +715,7 @@ def test_flows_tick_loads_the_due_flows_longest_due_first(monkeypatch: pytest.Mo
         worker = Worker.__new__(Worker)
         worker.flows = table  # type: ignore[assignment]
         worker.meta, worker.meta_seen = MetaCache(), {1: 0}
-        worker.watermarks, worker.incomplete = {1: watermark_ns}, {1: set()}
+        worker.watermarks, worker.awaiting = {1: watermark_ns}, {1: Awaiting()}
         worker.lingering = {1: {b"ended"}}
         worker.indexed = {1} if indexed else set()
         worker.due = defaultdict(DueIndex)
@@ -746,12 +747,21 @@ def test_flows_tick_loads_the_due_flows_longest_due_first(monkeypatch: pytest.Mo
     fresh.flows_tick(event, now_ms, reindexed)  # every flow of the table is due once indexed
     assert sorted(reindexed.flows) == sorted(times) and fresh.indexed == {1}
     fresh.due[1][b"later"] = times[b"later"]
-    fresh.incomplete[1] = {b"later"}
+    fresh.due[1][b"waits"] = times[b"later"]
+    fresh.awaiting[1].wait(b"later", {"c1", ("h1", 42)})
+    fresh.awaiting[1].wait(b"waits", {("h1", 43)})
     fresh.flows_tick(event, now_ms, again := FlowBatch())
-    assert b"later" not in again.flows  # the metadata did not change
-    fresh.meta.version += 1
+    assert not {b"later", b"waits"} & set(again.flows)  # the metadata did not change
+    fresh.meta.add_container(None, {"id": "c2", "timestamp_ms": 1})
     fresh.flows_tick(event, now_ms, again)
-    assert b"later" in again.flows
+    assert not {b"later", b"waits"} & set(again.flows)  # not what they lack
+    fresh.meta.add_process({"host_name": "h1", "process": {"pid": 42, "exe": "/bin/nc"}})
+    fresh.flows_tick(event, now_ms, again)
+    assert b"later" in again.flows and b"waits" not in again.flows
+    fresh.meta.add_container(None, {"id": "c2", "timestamp_ms": 2})
+    fresh.meta.changes.clear()  # as when more changed than it remembers
+    fresh.flows_tick(event, now_ms, again)
+    assert b"waits" in again.flows
 
 
 def test_netlink_sockets_first_seen_closed_make_one_flow() -> None:
@@ -781,7 +791,7 @@ def flows_stage(publish: Any) -> Any:
     worker.meta, worker.local = MetaCache(), LocalAddresses()
     worker.options = StreamOptions(flow=CFG)
     worker.indexed, worker.due = {1}, defaultdict(DueIndex)
-    worker.incomplete, worker.lingering, worker.meta_seen = {}, {}, {1: 0}
+    worker.awaiting, worker.lingering, worker.meta_seen = {}, {}, {1: 0}
     worker.publish_flow = lambda state, emission, now: publish(  # type: ignore[method-assign]
         flow_record(state, emission, worker.meta, now))
     return worker
@@ -848,3 +858,34 @@ def test_peer_in_a_network_not_yet_known_local_is_waited_for() -> None:
     watermark_ns += round(CFG.end_grace_s * 1e9)
     batch_of()
     assert published == []
+
+
+def test_flow_lacking_metadata_is_updated_when_it_comes_and_only_then() -> None:
+    """Two live flows lack their processes' details (the sensor knew only pid and comm); the
+    record of one process comes: only that flow is loaded again, and it gets an UPDATE that
+    names the executable. The other is not loaded (a change of metadata used to revisit every
+    flow that lacked any)."""
+    published: list[tuple[int, str, str | None]] = []
+    worker = flows_stage(lambda rec: published.append((rec["client"]["port"], rec["type"],
+                                                       rec["client"]["process"].get("exe"))))
+    worker.meta.add_container(None, {"id": CID_A, "timestamp_ms": 1})
+    worker.meta.add_container(None, {"id": CID_B, "timestamp_ms": 1})
+    now_ms, watermark_ns = T0 // 1_000_000, T0
+
+    def both_ends(port: int, client_pid: int) -> list[Observation]:
+        return [replace(obs(10 * port + 1, "client", "START", 0), local_port=port,
+                        process={"pid": client_pid, "comm": "curl", "args": []}),
+                replace(obs(10 * port + 2, "server", "START", 0), remote_port=port)]
+
+    stage_batch(worker, now_ms, watermark_ns, *both_ends(40001, 101), *both_ends(40002, 102))
+    assert sorted(published) == [(40001, "START", None), (40002, "START", None)]
+    published.clear()
+    worker.flows.reads.clear()
+    stage_batch(worker, now_ms + 100, watermark_ns)
+    assert published == [] and worker.flows.reads == []  # nothing new: nothing loaded
+
+    worker.meta.add_process({"host_name": "h1", "process": {"pid": 101, "comm": "curl",
+                                                            "exe": "/usr/bin/curl"}})
+    batch = stage_batch(worker, now_ms + 200, watermark_ns)
+    assert published == [(40001, "UPDATE", "/usr/bin/curl")]
+    assert len(batch.flows) == 1
