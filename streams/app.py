@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sys
 import threading
 import time
@@ -297,6 +298,7 @@ class RawStage:
         self.outputs.topics["sockets"] = sockets_topic
         self.listeners = Listeners()
         self.local: dict[tuple[str, str | None], str] = {}  # (host, network) -> an address
+        self.learnt: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()  # see ``learn``
         self.local_sent = 0.0
         self.topics = {topic_name(settings, s): s for s in ("raw.ebpf", "raw.netlink")}
         self.lag: dict[tuple[str, int], int] = {}
@@ -325,6 +327,7 @@ class RawStage:
                 if msgs:
                     self.batch(msgs)
                 elif time.monotonic() - self.marked_at >= self.tick_s:
+                    self.share_local(len(self.local))
                     self.watermark()
                     self.outputs.flush_now()
         finally:
@@ -378,12 +381,7 @@ class RawStage:
                 self.local.setdefault((obs.host, network(obs.local_ip)), obs.local_ip)
                 if obs.ts_ns > self.read_ns.get(tp, 0):
                     self.read_ns[tp] = obs.ts_ns
-        if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
-            self.local_sent = time.monotonic()
-            pairs = [[host, ip] for (host, _net), ip in self.local.items()]
-            for data in _fitting(pairs):
-                for partition in range(self.partitions):  # before the batch's observations
-                    self.outputs.send("sockets", LOCAL_KEY, data, partition)
+        self.share_local(known)  # before the batch's observations
         for partition, items in rows.items():
             for data in _fitting(items):
                 self.outputs.send("sockets", BATCH_KEY, data, partition)
@@ -396,6 +394,25 @@ class RawStage:
         if ends:
             self.consumer.store_offsets(offsets=[TopicPartition(t, p, offset)
                                                  for (t, p), offset in ends.items()])
+
+    def learn(self, host: str, ip: str) -> None:
+        """An address of ``host`` read back from the flows table (any thread): a worker that
+        restarts knows its flows' networks again before their sockets are read again."""
+        self.learnt.put((host, ip))
+
+    def share_local(self, known: int) -> None:
+        """Send every flows partition the host addresses known when some were learnt since
+        there were ``known`` (from the sockets read, or by ``learn``), and every
+        ``LOCAL_RESEND_S``."""
+        while not self.learnt.empty():
+            host, ip = self.learnt.get_nowait()
+            self.local.setdefault((host, network(ip)), ip)
+        if len(self.local) > known or time.monotonic() - self.local_sent >= LOCAL_RESEND_S:
+            self.local_sent = time.monotonic()
+            pairs = [[host, ip] for (host, _net), ip in self.local.items()]
+            for data in _fitting(pairs):
+                for partition in range(self.partitions):
+                    self.outputs.send("sockets", LOCAL_KEY, data, partition)
 
     def watermark(self) -> None:
         """Measure the lag of each assigned partition (its records after the position, from the
@@ -726,17 +743,24 @@ class Worker:
         UPDATE, END, forget), at most ``FLOW_BATCH`` a tick, the longest due first. The index
         (``DueIndex``) finds them without a pass over every live flow of the partition.
 
-        The index is rebuilt from the table when the partition is (re)assigned, and flows
+        The index is rebuilt from the table when the partition is (re)assigned (and the
+        networks of its flows' sockets are local again: ``LocalAddresses``), and flows
         lacking metadata are revisited when the metadata they lack came (``Awaiting``). An
         ended flow with all its metadata that is not in the batch has nothing left to emit:
         once due it is deleted unread."""
         partition = event.message.partition
         index = self.due[partition]
         if partition not in self.indexed:
+            local: dict[tuple[str, str | None], str] = {}
             for key, data in self.flows.items():
                 stored = _state(data)
                 if stored and stored["partition"] == partition:
                     index[key] = (0, 0)
+                    for sock in stored["sockets"].values():
+                        local.setdefault((stored["host"], network(sock["local_ip"])), sock["local_ip"])
+            for (host, _net), ip in local.items():
+                self.local.add(host, ip)
+                self.raw.learn(host, ip)  # for the other workers too
             self.indexed.add(partition)
         seen = self.meta_seen.get(partition)
         if self.meta.version != seen:

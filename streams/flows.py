@@ -84,8 +84,9 @@ class LocalAddresses:
     """Where the other end of a flow may be a socket of the same host: loopback, and the networks
     (/24, /64) of the flow's own addresses, of the host's containers (metadata, read whole by
     every worker) and of the host's local sockets (each raw stage sends the addresses it learns
-    to every flows partition, and all it knows again every ``LOCAL_RESEND_S``): every worker
-    has the same answer, whichever partitions it has. A flow whose peer is elsewhere need not
+    to every flows partition, and all it knows again every ``LOCAL_RESEND_S``; after a restart
+    it sends those of the flows read back from the tables too): every worker has the same
+    answer, whichever partitions it has. A flow whose peer is elsewhere need not
     wait for the peer's socket (join delay, END grace), only until the watermark has passed the
     flow's time: the addresses are learnt from the sockets as they are read, so until then the
     peer's network may be unknown only because no socket of it was read yet (a server's socket

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import queue
 import random
+import time
 from collections import defaultdict
 from dataclasses import replace
 from types import SimpleNamespace
@@ -28,6 +30,7 @@ from streams.flows import (
     Emission,
     FlowConfig,
     FlowState,
+    LocalAddresses,
     Observation,
     activity,
     due,
@@ -716,6 +719,7 @@ def test_flows_tick_loads_the_due_flows_longest_due_first(monkeypatch: pytest.Mo
         worker.flows = table  # type: ignore[assignment]
         worker.meta, worker.meta_seen = MetaCache(), {1: 0}
         worker.watermarks, worker.awaiting = {1: watermark_ns}, {1: Awaiting()}
+        worker.local, worker.raw = LocalAddresses(), raw_stage()[0]
         worker.lingering = {1: {b"ended"}}
         worker.indexed = {1} if indexed else set()
         worker.due = defaultdict(DueIndex)
@@ -780,11 +784,23 @@ def test_netlink_sockets_first_seen_closed_make_one_flow() -> None:
     assert rec["client"]["process"]["comm"] == "curl" and rec["server"]["process"]["comm"] == "nginx"
 
 
+def raw_stage(partitions: int = 2) -> tuple[Any, list[tuple[bytes, int, Any]]]:
+    """A raw stage (``streams.app.RawStage``) without Kafka, and the (key, flows partition,
+    value) of what it sends to the internal sockets topic."""
+    from streams.app import RawStage
+
+    raw, sent = RawStage.__new__(RawStage), []
+    raw.partitions, raw.local, raw.learnt = partitions, {}, queue.SimpleQueue()
+    raw.local_sent = time.monotonic()
+    raw.outputs = SimpleNamespace(send=lambda suffix, key, data, partition: sent.append(
+        (key, partition, orjson.loads(data))))
+    return raw, sent
+
+
 def flows_stage(publish: Any) -> Any:
     """A flows stage (``streams.app.Worker``) without Kafka, all its flows in partition 1,
     that gives each flow record it publishes to ``publish``."""
     from streams.app import StreamOptions, Worker
-    from streams.flows import LocalAddresses
 
     worker = Worker.__new__(Worker)
     worker.flows = Table()  # type: ignore[assignment]
@@ -792,6 +808,7 @@ def flows_stage(publish: Any) -> Any:
     worker.options = StreamOptions(flow=CFG)
     worker.indexed, worker.due = {1}, defaultdict(DueIndex)
     worker.awaiting, worker.lingering, worker.meta_seen = {}, {}, {1: 0}
+    worker.raw = raw_stage()[0]
     worker.publish_flow = lambda state, emission, now: publish(  # type: ignore[method-assign]
         flow_record(state, emission, worker.meta, now))
     return worker
@@ -889,3 +906,28 @@ def test_flow_lacking_metadata_is_updated_when_it_comes_and_only_then() -> None:
     batch = stage_batch(worker, now_ms + 200, watermark_ns)
     assert published == [(40001, "UPDATE", "/usr/bin/curl")]
     assert len(batch.flows) == 1
+
+
+def test_a_restarted_worker_knows_the_networks_of_its_flows_again() -> None:
+    """A worker that restarts reads its flows back from the table: the networks of their
+    sockets are local again at once, in this worker and, through its raw stage, in every flows
+    partition, before any socket is read again (the raw stage knew only what it read)."""
+    from streams.app import FlowBatch
+
+    table = Table()
+    for n, (cip, sip) in enumerate([("10.1.2.3", "10.9.9.9"), ("fd00:1::5", "2001:db8::1")]):
+        client = replace(obs(n, "client", "START", 0), local_ip=cip, remote_ip=sip)
+        state, _, _ = observe(None, client, at(0), 1)
+        table[f"flow{n}".encode()] = orjson.dumps(state.to_dict())
+    worker = flows_stage(lambda rec: None)
+    worker.flows, worker.indexed, worker.watermarks = table, set(), {1: T0}
+    worker.raw, sent = raw_stage(partitions=3)
+    assert not worker.local.may_be_local("h1", "10.1.2.200")
+    worker.flows_tick(Event(1), T0 // 1_000_000, FlowBatch())
+    assert worker.local.may_be_local("h1", "10.1.2.200")
+    assert worker.local.may_be_local("h1", "fd00:1::77")
+    assert not worker.local.may_be_local("h1", "10.9.9.1")  # a peer's network: not local
+    worker.raw.share_local(0)
+    assert {p for _k, p, _v in sent} == {0, 1, 2}
+    assert {(h, network(ip)) for _k, _p, v in sent for h, ip in v} == {
+        ("h1", "10.1.2.0/24"), ("h1", network("fd00:1::5"))}
