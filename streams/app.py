@@ -751,14 +751,14 @@ class Worker:
         partition = event.message.partition
         index = self.due[partition]
         if partition not in self.indexed:
-            local: dict[tuple[str, str | None], str] = {}
+            local: set[tuple[str, str]] = set()
             for key, data in self.flows.items():
                 stored = _state(data)
                 if stored and stored["partition"] == partition:
                     index[key] = (0, 0)
-                    for sock in stored["sockets"].values():
-                        local.setdefault((stored["host"], network(sock["local_ip"])), sock["local_ip"])
-            for (host, _net), ip in local.items():
+                    local.update((stored["host"], sock["local_ip"])
+                                 for sock in stored["sockets"].values())
+            for host, ip in local:
                 self.local.add(host, ip)
                 self.raw.learn(host, ip)  # for the other workers too
             self.indexed.add(partition)
