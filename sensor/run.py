@@ -4,13 +4,11 @@ eBPF mode follows every flow in the kernel; Netlink mode (no root, no bcc) takes
 snapshots. In both modes the Netlink snapshots (tcp_info, interface counters), the Docker
 metadata watcher and the process lineage feed run beside it, sharing one cgroup resolver and
 one process cache. Metrics are served on ``--web-host:--metrics-port`` (127.0.0.1 by default).
-Every ``TRIM_INTERVAL_S`` the heap memory freed since (after a burst) is given back to the system,
-and blocks from ``MMAP_THRESHOLD`` bytes up are mapped apart (see ``tune_malloc``).
+The C heap is kept near what is in use (``packetless.heap``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import signal
@@ -23,6 +21,7 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from packetless import heap
 from packetless.config import Settings
 from packetless.kafka import Publisher, dead_letter_record
 from packetless.topics import topic_name
@@ -43,9 +42,6 @@ UNENCODABLE = Counter("packetless_sensor_unencodable_records",
                       ["type"])
 PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
                             "Seconds from queueing a record to the broker's acknowledgement")
-TRIM_INTERVAL_S = 10.0
-MMAP_THRESHOLD = 128 * 1024
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
                "meta.processes": "process"}
 
@@ -131,7 +127,7 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
          snapshot_interval: float = 5.0, metrics_port: int = 9464,
          web_host: str = "127.0.0.1") -> int:
     """Run until SIGINT/SIGTERM; returns the exit code."""
-    tune_malloc()
+    heap.tune()
     mode, why = choose_mode(mode)
     print(f"packetless sensor: mode {mode} ({why})", flush=True)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -180,13 +176,12 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         t.start()
     if mode == "netlink":
         mark_ready()
-    trim = malloc_trim()
-    next_trim = time.monotonic() + TRIM_INTERVAL_S
+    next_trim = time.monotonic() + heap.TRIM_INTERVAL_S
     while not stop.wait(1.0):
         SPOOL.set(publisher.spool_bytes)
-        if trim is not None and time.monotonic() >= next_trim:
-            trim(0)
-            next_trim = time.monotonic() + TRIM_INTERVAL_S
+        if time.monotonic() >= next_trim:
+            heap.trim()
+            next_trim = time.monotonic() + heap.TRIM_INTERVAL_S
     for t in threads:
         t.join(timeout=15)
     left = publisher.close()  # what is still undelivered stays in the spool for the next start
@@ -194,32 +189,6 @@ def main(settings: Settings, mode: str = "auto", update_interval: float = 10.0,
         log.warning("%d records not yet delivered are kept in the spool for the next start", left)
     failed = [p for p in parts if p.essential and p.error is not None]
     return 1 if failed else 0
-
-
-def malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``: returns the free pages of every malloc arena to the system.
-
-    glibc keeps memory freed in the middle of its heaps (one arena per thread), so the sensor's
-    resident size would stay at the peak of its last burst (a stalled broker's queue, a large
-    snapshot: 30 MiB of 85 MiB measured after a 50,000-record queue drained). None without glibc.
-    """
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except AttributeError:
-        return None
-
-
-def tune_malloc() -> bool:
-    """Keep glibc's mmap threshold at ``MMAP_THRESHOLD``: each large block (a snapshot's receive
-    buffers and tables, a scan's arrays, the kept sockets' rows) is then mapped on its own and
-    unmapped when freed. By default glibc raises the threshold to the size of each mapped block
-    freed (up to 32 MiB): later large blocks then come from the heaps of the threads' arenas,
-    where the small blocks made beside them keep the space from going back to the system.
-    False without glibc."""
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except AttributeError:
-        return False
 
 
 def set_map_fill(fill: dict[str, float]) -> None:

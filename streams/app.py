@@ -68,6 +68,7 @@ from mode.utils.times import want_seconds
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PCounter
 
+from packetless import heap
 from packetless.config import Settings
 from packetless.kafka import (
     PRODUCER_DEFAULTS,
@@ -533,6 +534,7 @@ class Worker:
         app.agent(self.sockets_topic, name="flows")(self.flows_agent)
         app.agent(self.activity_topic, name="windows")(self.windows_agent)
         app.timer(options.tick_s)(self.tick)
+        app.timer(heap.TRIM_INTERVAL_S)(self.trim_heap)
         app.on_partitions_revoked.connect(self.on_revoked)
         app.task(self.metadata_task)
         self.raw = RawStage(settings, workers_group, self.sockets_topic.get_topic_name(), n,
@@ -908,6 +910,11 @@ class Worker:
         activity partitions on those the flows partitions pass on)."""
         self._rate()
 
+    async def trim_heap(self) -> None:
+        """Free C heap pages back to the system, off the event loop (``packetless.heap``): with
+        30,000 live flows, about 40 % of the worker's RSS was such pages."""
+        await asyncio.get_running_loop().run_in_executor(None, heap.trim)
+
     async def metadata_task(self) -> None:
         """Follow meta.containers and meta.processes from the beginning (every worker needs all
         of them) and the recent metrics.containers (for the web views). The flows agent waits
@@ -1145,6 +1152,7 @@ def main(settings: Settings, web_port: int = 6066, web_host: str = "127.0.0.1",
         print(f"packetless streams: cannot serve the web views on {web_host}:{web_port}: "
               f"{port_taken_message(web_port)} (choose another --web-port)", file=sys.stderr)
         return 2
+    heap.tune()
     options = StreamOptions.from_options(**tuning)
     ensure_topics(settings)
     ensure_schemas(Codec(settings))
