@@ -916,9 +916,11 @@ class Worker:
         await asyncio.get_running_loop().run_in_executor(None, heap.trim)
 
     async def metadata_task(self) -> None:
-        """Follow meta.containers and meta.processes from the beginning (every worker needs all
-        of them) and the recent metrics.containers (for the web views). The flows agent waits
-        until the metadata present at start has been read."""
+        """Follow meta.containers from the beginning and meta.processes from its last records
+        that the cache can hold (every worker needs all of them; older process records would be
+        read only to be evicted, and a busy host writes millions a week), and the recent
+        metrics.containers (for the web views). The flows agent waits until the metadata
+        present at start has been read."""
         names = {s: topic_name(self.settings, s) for s in ("meta.containers", "meta.processes",
                                                            "metrics.containers")}
         consumer = AIOKafkaConsumer(*names.values(), bootstrap_servers=self.settings.bootstrap_servers,
@@ -932,9 +934,11 @@ class Worker:
             tps = sorted(consumer.assignment())
             ends = await consumer.end_offsets(tps)
             begins = await consumer.beginning_offsets(tps)
+            backlogs = {names["metrics.containers"]: METRICS_BACKLOG,
+                        names["meta.processes"]: self.meta.max_processes}
             for tp in tps:
-                if tp.topic == names["metrics.containers"]:
-                    consumer.seek(tp, max(begins[tp], ends[tp] - METRICS_BACKLOG))
+                if tp.topic in backlogs:
+                    consumer.seek(tp, max(begins[tp], ends[tp] - backlogs[tp.topic]))
             pending = {tp for tp in tps if tp.topic != names["metrics.containers"]
                        and ends[tp] > begins[tp]}
             if not pending:

@@ -4,6 +4,7 @@ worker killed with SIGKILL that restarts from its changelogs and emits the END i
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import io
 import json
@@ -440,6 +441,45 @@ def test_sigkill_restart_emits_owed_end(stack_settings: Settings, tmp_path: Path
     finally:
         worker.stop()
         readers["flows"].close()
+
+
+def test_worker_reads_only_the_process_records_its_cache_holds(stack_settings: Settings) -> None:
+    """At start a worker reads meta.processes from its last records that the process cache can
+    hold: older ones would only be evicted (a busy host writes millions a week, and the flows
+    wait until the metadata is read). meta.containers is read from the beginning."""
+    from streams.app import StreamOptions, Worker
+
+    s = stack_settings
+    pub = Publisher(s)
+    now = int(time.time() * 1000)
+    for pid in range(1, 61):
+        process = schemas.record("Process", pid=pid, comm=f"p{pid}", exe=f"/bin/p{pid}",
+                                 start_time_ms=now)
+        pub.send("meta.processes", f"h1:{pid}", schemas.record(
+            "ProcessEvent", type="EXEC", timestamp_ms=now, host_name="h1", source="EBPF",
+            process=process))
+    pub.send("meta.containers", "c" * 64, {  # a field ``name``: not through schemas.record
+        **schemas.defaults("Container"), "id": "c" * 64, "host_name": "h1", "name": "first",
+        "runtime": "docker", "state": "RUNNING", "event": "start", "timestamp_ms": now})
+    assert pub.flush(30) == 0
+    worker = Worker(s, f"g{s.topic_prefix[:-1]}", "127.0.0.1", free_port(), StreamOptions())
+    worker.meta.max_processes = 25
+    read: list[int] = []
+    add = worker.meta.add_process
+    worker.meta.add_process = lambda rec: (read.append(rec["process"]["pid"]),  # type: ignore[method-assign]
+                                           add(rec))[1]
+
+    async def until_ready() -> None:
+        task = asyncio.create_task(worker.metadata_task())
+        try:
+            await asyncio.wait_for(worker.meta_ready.wait(), 60)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(until_ready())
+    assert read == list(range(36, 61))
+    assert worker.meta.containers["c" * 64]["name"] == "first"
 
 
 def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:
