@@ -931,3 +931,21 @@ def test_a_restarted_worker_knows_the_networks_of_its_flows_again() -> None:
     assert {p for _k, p, _v in sent} == {0, 1, 2}
     assert {(h, network(ip)) for _k, _p, v in sent for h, ip in v} == {
         ("h1", "10.1.2.0/24"), ("h1", network("fd00:1::5"))}
+
+
+def test_process_records_share_their_equal_strings() -> None:
+    """The process cache holds up to ``MAX_PROCESSES`` records, which repeat users, executables,
+    cgroups and command lines: equal strings are held once, and the records read the same."""
+    meta = MetaCache()
+    for pid in (1, 2):
+        def made(*parts: str) -> str:
+            return "".join(parts)  # a new string each time, as a decoder makes them
+
+        proc = {"pid": pid, "comm": "sh", "user_name": made("ali", "ce"), "exe": made("/bin/", "dash"),
+                "args": ["/bin/sh", "-c", made("curl http://localhost:8080/", "healthz")], "ppid": None}
+        meta.add_process({"host_name": "h1", "process": proc})
+    one, two = meta.processes[("h1", 1)], meta.processes[("h1", 2)]
+    assert one["user_name"] is two["user_name"] and one["exe"] is two["exe"]
+    assert one["args"][2] is two["args"][2]
+    assert two == {"pid": 2, "comm": "sh", "user_name": "alice", "exe": "/bin/dash",
+                   "args": ["/bin/sh", "-c", "curl http://localhost:8080/healthz"], "ppid": None}
