@@ -38,6 +38,7 @@ instead of closing them on the wall clock before their activity came.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import sys
@@ -124,6 +125,8 @@ ROCKSDB = {"write_buffer_size": 8 << 20, "max_write_buffer_number": 2,
            "block_cache_size": 16 << 20}
 BATCH_WITHIN_S = 0.02  # a stage waits at most this long to fill a batch
 FETCH_WAIT_MS = 100  # the raw consumer's fetch wait: how stale its idea of a partition's end is
+VIEW_KEEP_MS = 15 * 60 * 1000  # entities leave the web views (and /metrics) this long after their last window
+RTT_QUANTILES = {"0.5": "p50_us", "0.95": "p95_us", "0.99": "p99_us"}  # label -> RttStats field
 METRICS_BACKLOG = 5000  # records of metrics.containers re-read at start for the web views
 PROMETHEUS_TYPE = "text/plain; version=0.0.4"  # aiohttp refuses a charset parameter here
 
@@ -199,14 +202,25 @@ class Metrics:
 
     def observe_window(self, record: dict[str, Any]) -> None:
         """Per-container series from a closed tumbling ContainerMetrics window."""
-        name = record["name"] or record["entity_id"][:12]
+        name = _series_name(record)
         self.container_bytes.labels(name, "in").inc(record["bytes_in"])
         self.container_bytes.labels(name, "out").inc(record["bytes_out"])
         for role in ("client", "server"):
             stats = record[f"rtt_as_{role}"]
-            for quantile, field_name in (("0.5", "p50_us"), ("0.95", "p95_us"), ("0.99", "p99_us")):
+            for quantile, field_name in RTT_QUANTILES.items():
                 if stats[field_name] is not None:
                     self.container_rtt.labels(name, quantile, role).set(stats[field_name] / 1e6)
+
+    def forget_containers(self, names: set[str]) -> None:
+        """Remove the series of containers no longer seen."""
+        for name in names:
+            series: list[tuple[Any, tuple[str, ...]]] = [
+                (self.container_bytes, (name, direction)) for direction in ("in", "out")]
+            series += [(self.container_rtt, (name, quantile, role))
+                       for quantile in RTT_QUANTILES for role in ("client", "server")]
+            for metric, values in series:
+                with contextlib.suppress(KeyError):  # never observed
+                    metric.remove(*values)
 
 
 @dataclass
@@ -906,9 +920,27 @@ class Worker:
     # -- ticks, metadata
 
     async def tick(self) -> None:
-        """The rates of the web views (the flows partitions tick on their watermarks, and the
-        activity partitions on those the flows partitions pass on)."""
+        """The rates and entities of the web views (the flows partitions tick on their
+        watermarks, and the activity partitions on those the flows partitions pass on)."""
         self._rate()
+        self.forget_quiet(_now_ms())
+
+    def forget_quiet(self, now_ms: int) -> None:
+        """Entities without a window for ``VIEW_KEEP_MS`` leave the web views, and the series of
+        containers no longer listed leave /metrics: a host that runs many short-lived containers
+        would otherwise list and export every one the worker has seen."""
+        quiet = [key for key, entry in self.latest.items()
+                 if max(w["window_end_ms"] for w in entry.values()) < now_ms - VIEW_KEEP_MS]
+        gone: set[str] = set()
+        for key in quiet:
+            windows = self.latest.pop(key).values()
+            if key[0] == "CONTAINER":
+                gone.update(_series_name(w) for w in windows)
+        if not gone:
+            return
+        listed = {_series_name(w) for key, entry in self.latest.items() if key[0] == "CONTAINER"
+                  for w in entry.values()}
+        self.metrics.forget_containers(gone - listed)
 
     async def trim_heap(self) -> None:
         """Free C heap pages back to the system, off the event loop (``packetless.heap``): with
@@ -1062,6 +1094,11 @@ def _as_view(handler: Any) -> Any:
         return await handler(view, request)
 
     return page
+
+
+def _series_name(record: dict[str, Any]) -> str:
+    """The ``container`` label of a ContainerMetrics record's series."""
+    return record["name"] or record["entity_id"][:12]
 
 
 def _partition(key: bytes, partitions: int) -> int:

@@ -949,3 +949,43 @@ def test_process_records_share_their_equal_strings() -> None:
     assert one["args"][2] is two["args"][2]
     assert two == {"pid": 2, "comm": "sh", "user_name": "alice", "exe": "/bin/dash",
                    "args": ["/bin/sh", "-c", "curl http://localhost:8080/healthz"], "ppid": None}
+
+
+def test_quiet_entities_leave_the_views_and_their_series_leave_metrics() -> None:
+    """An entity without a window for ``VIEW_KEEP_MS`` leaves /containers or /pods, and the
+    series of a container no longer listed leave /metrics (a host running many short-lived
+    containers would list and export every one ever seen); a name still used by a listed
+    container (one recreated under its name) keeps its series."""
+    from streams.app import VIEW_KEEP_MS, Metrics, Worker
+
+    now = T0 // 1_000_000
+    worker = Worker.__new__(Worker)
+    worker.metrics, worker.latest = Metrics(), {}
+
+    def window(entity_type: str, entity_id: str, name: str, end_ms: int) -> None:
+        stats = {**schemas.defaults("RttStats"), "p50_us": 100, "p95_us": 200, "p99_us": 300}
+        rec = {**schemas.defaults("ContainerMetrics"), "entity_type": entity_type,
+               "entity_id": entity_id, "name": name, "window_end_ms": end_ms, "bytes_in": 10,
+               "bytes_out": 20, "rtt_as_client": stats, "rtt_as_server": stats}
+        worker.latest.setdefault((entity_type, entity_id), {})["tumbling"] = rec
+        if entity_type == "CONTAINER":
+            worker.metrics.observe_window(rec)
+
+    old = now - VIEW_KEEP_MS - 1
+    window("CONTAINER", "a" * 64, "gone", old)
+    window("CONTAINER", "b" * 64, "web", old)  # the container "web" was recreated:
+    window("CONTAINER", "c" * 64, "web", now)
+    window("CONTAINER", "d" * 64, "db", now - VIEW_KEEP_MS + 1000)
+    window("POD", "default/old", "old", old)
+    window("POD", "default/new", "new", now)
+    worker.forget_quiet(now)
+    assert [c["id"] for c in worker._entities("CONTAINER")] == ["d" * 64, "c" * 64]
+    assert [p["id"] for p in worker._entities("POD")] == ["default/new"]
+
+    def series(name: str) -> float | None:
+        return worker.metrics.registry.get_sample_value(
+            "packetless_container_bytes_total", {"container": name, "direction": "in"})
+
+    assert series("gone") is None and series("web") == 20 and series("db") == 10
+    assert worker.metrics.registry.get_sample_value("packetless_container_rtt_seconds", {
+        "container": "gone", "quantile": "0.99", "role": "client"}) is None
