@@ -982,6 +982,7 @@ class Worker:
                         self._metadata(names, msg)
                     if tp in pending and await consumer.position(tp) >= ends[tp]:
                         pending.discard(tp)
+                self.meta.expire(_now_ms())
                 if not pending and not self.meta_ready.is_set():
                     log.info("metadata read: %d containers, %d processes",
                              len(self.meta.containers), len(self.meta.processes))

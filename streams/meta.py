@@ -13,6 +13,7 @@ from typing import Any
 
 MAX_PROCESSES = 200_000
 CHANGES = 65_536  # the latest changes kept, to tell which flows new metadata concerns
+REMOVED_KEEP_MS = 3600 * 1000  # how long a removed container is kept for its flows' last events
 
 MetaKey = str | tuple[str, int]
 """What a metadata record is about: a container id, or a process as (host, pid)."""
@@ -27,17 +28,33 @@ class MetaCache:
     max_processes: int = MAX_PROCESSES
     version: int = 0  # changes whenever a container or process record changes the cache
     changes: deque[MetaKey] = field(default_factory=lambda: deque(maxlen=CHANGES))  # by version
+    removed: dict[str, int] = field(default_factory=dict)  # container id -> removed at (ms)
 
     def add_container(self, key: str | None, record: dict[str, Any] | None) -> None:
         """A meta.containers record; None (a tombstone) forgets the container."""
         if record is None:
             if key and self.containers.pop(key, None) is not None:
                 self._changed(key)
+                self.removed.pop(key, None)
             return
         current = self.containers.get(record["id"])
         if current is None or record["timestamp_ms"] >= current["timestamp_ms"]:
             self.containers[record["id"]] = record
             self._changed(record["id"])
+            self.removed.pop(record["id"], None)
+            if record.get("state") == "REMOVED":
+                self.removed[record["id"]] = record["timestamp_ms"]
+
+    def expire(self, now_ms: int) -> None:
+        """Forget the containers removed more than ``REMOVED_KEEP_MS`` before ``now_ms``, in the
+        order their removals came (about their times): meta.containers keeps the last record of
+        every container a host ever ran, which a worker reads at start."""
+        while self.removed:
+            container_id, removed_ms = next(iter(self.removed.items()))
+            if removed_ms >= now_ms - REMOVED_KEEP_MS:
+                return
+            del self.removed[container_id]
+            self.containers.pop(container_id, None)
 
     def add_process(self, record: dict[str, Any]) -> None:
         """A meta.processes record (EXIT keeps the last known process: its flows need it)."""

@@ -989,3 +989,25 @@ def test_quiet_entities_leave_the_views_and_their_series_leave_metrics() -> None
     assert series("gone") is None and series("web") == 20 and series("db") == 10
     assert worker.metrics.registry.get_sample_value("packetless_container_rtt_seconds", {
         "container": "gone", "quantile": "0.99", "role": "client"}) is None
+
+
+def test_removed_containers_are_forgotten_an_hour_after_their_removal() -> None:
+    """meta.containers keeps the last record of every container a host ever ran (REMOVED for
+    the gone ones), and a worker reads it whole: a removed container is kept for its flows'
+    last events, then forgotten; running ones stay."""
+    from streams.meta import REMOVED_KEEP_MS
+
+    meta = MetaCache()
+    now = T0 // 1_000_000
+
+    def container(cid: str, state: str, at_ms: int) -> None:
+        meta.add_container(cid, {"id": cid, "state": state, "timestamp_ms": at_ms})
+
+    container("old", "RUNNING", now - 2 * REMOVED_KEEP_MS)
+    container("old", "REMOVED", now - REMOVED_KEEP_MS - 1)
+    container("recent", "REMOVED", now - 1000)
+    container("running", "RUNNING", now - 3 * REMOVED_KEEP_MS)
+    meta.expire(now)
+    assert sorted(meta.containers) == ["recent", "running"]
+    meta.expire(now + REMOVED_KEEP_MS)
+    assert sorted(meta.containers) == ["running"] and meta.removed == {}
