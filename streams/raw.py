@@ -6,6 +6,8 @@ decoding (cavro with the schemas cached per schema id; packetless.serde.Codec wr
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,9 @@ from packetless.topics import TOPICS
 from streams.flows import CLIENT, SERVER, Observation
 
 CLOSING_EBPF = frozenset({"END", "FAILURE"})
+# a listening port no snapshot showed for this long is forgotten (the sensor shows an idle socket
+# every 12 snapshots: every minute by default)
+LISTENER_KEEP_S = 1800.0
 
 
 # cavro (Cython) reads these records several times faster than fastavro
@@ -59,12 +64,23 @@ class RawDecoder:
 
 @dataclass
 class Listeners:
-    """Listening ports seen in Netlink snapshots: a Netlink socket on one is a server."""
+    """Listening ports seen in Netlink snapshots: a Netlink socket on one is a server. Those
+    not seen for ``LISTENER_KEEP_S`` are forgotten: containers come and go, each with its
+    network namespace."""
 
-    ports: set[tuple[str, int | None, int]] = field(default_factory=set)
+    ports: OrderedDict[tuple[str, int | None, int], float] = field(default_factory=OrderedDict)
 
-    def add(self, host: str, netns: int | None, port: int) -> None:
-        self.ports.add((host, netns, port))
+    def add(self, host: str, netns: int | None, port: int, now: float | None = None) -> None:
+        """A listener seen at ``now`` (``time.monotonic``)."""
+        now = time.monotonic() if now is None else now
+        key = (host, netns, port)
+        self.ports[key] = now
+        self.ports.move_to_end(key)
+        while True:
+            oldest, seen = next(iter(self.ports.items()))
+            if seen >= now - LISTENER_KEEP_S:
+                return
+            del self.ports[oldest]
 
     def role(self, host: str, netns: int | None, local_port: int) -> str | None:
         return SERVER if (host, netns, local_port) in self.ports else None

@@ -1011,3 +1011,18 @@ def test_removed_containers_are_forgotten_an_hour_after_their_removal() -> None:
     assert sorted(meta.containers) == ["recent", "running"]
     meta.expire(now + REMOVED_KEEP_MS)
     assert sorted(meta.containers) == ["running"] and meta.removed == {}
+
+
+def test_listeners_not_seen_for_a_while_are_forgotten() -> None:
+    """A listening port makes the Netlink sockets on it servers; one that no snapshot showed
+    for ``LISTENER_KEEP_S`` (its container and network namespace gone) is forgotten, and one
+    seen again stays."""
+    from streams.raw import LISTENER_KEEP_S
+
+    listeners = Listeners()
+    listeners.add("h1", 1, 80, now=0.0)
+    listeners.add("h1", 2, 443, now=100.0)
+    listeners.add("h1", 1, 80, now=200.0)  # shown again by a later snapshot
+    listeners.add("h1", 3, 8080, now=LISTENER_KEEP_S + 150.0)
+    assert listeners.role("h1", 1, 80) == "server" and listeners.role("h1", 3, 8080) == "server"
+    assert listeners.role("h1", 2, 443) is None and len(listeners.ports) == 2
