@@ -169,7 +169,7 @@ _BOOL = {True: "true", False: "false"}
 def _shared(proc: dict[str, Any]) -> dict[str, Any]:
     """``proc`` with its strings shared with the equal ones the cache already holds
     (``sys.intern``): the processes of a host repeat users, parents, executables, cgroups and
-    command lines, and a full cache holds ``MAX_PROCESSES`` of them (about 40 % less memory)."""
+    command lines, and a full cache holds ``MAX_PROCESSES`` of them (about half the memory)."""
     return {name: sys.intern(value) if isinstance(value, str)
             else [sys.intern(arg) for arg in value] if isinstance(value, list) else value
             for name, value in proc.items()}
