@@ -9,6 +9,7 @@ schema mismatch) into a ``DecodeError`` so that callers can dead-letter the reco
 from __future__ import annotations
 
 import json
+import operator
 import re
 import struct
 from collections.abc import Callable
@@ -42,11 +43,20 @@ SHARED_FIELDS: dict[str, tuple[str, ...]] = {"packetless.EbpfEvent": ("process",
 RECURRING_FIELDS: dict[str, tuple[str, ...]] = {
     "packetless.Flow": ("client.process", "server.process", "client.container",
                         "server.container")}
+# Runs of string and enum fields whose values recur together from record to record (a sensor's
+# host and boot, a flow's transport and local address, a record type's state and reason): their
+# bytes are reused by value.
+TEXT_RUNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "packetless.EbpfEvent": (("type", "host_name", "boot_id"),
+                             ("transport", "family", "role", "local_ip"),
+                             ("state", "previous_state", "reason", "error", "process_source"))}
 SHARED_CACHE = 4096
 # cavro writes a named type defined in an earlier segment again: each segment is its own schema
 SEGMENT_OPTIONS = cavro.Options(named_type_names_must_be_unique=False)
 # field name, the union branch to name (None: a record field that is not a union), its own plan
 Plan = list[tuple[str, "str | None", "Plan"]]
+# what a part of a RecordWriter writes: a run of fields, a shared field, a recurring field, texts
+_FIELDS, _SHARED, _RECURRING, _TEXTS = range(4)
 
 
 class DecodeError(Exception):
@@ -117,14 +127,15 @@ class RecordWriter:
     writes, several times faster. Avro writes a record as its fields' encodings one after the
     other, so the ``shared`` fields (values that are never changed once made) are written once
     per value object and their bytes reused, the ``recurring`` fields (values made anew for
-    each record, often equal to earlier ones) once per distinct value (by its JSON), and the
-    runs of other fields between them by schemas of their own (the record's fields in schema
-    order, references expanded). A path ``a.b`` names field ``b`` of the record (or
-    null-or-record union) in field ``a``.
+    each record, often equal to earlier ones) once per distinct value (by its JSON), the
+    ``texts`` (runs of consecutive string or enum fields, nullable or not, whose values recur
+    together) once per distinct tuple of values, and the runs of other fields between them by
+    schemas of their own (the record's fields in schema order, references expanded). A path
+    ``a.b`` names field ``b`` of the record (or null-or-record union) in field ``a``.
     """
 
     def __init__(self, schema: dict[str, Any], shared: tuple[str, ...] = (),
-                 recurring: tuple[str, ...] = ()) -> None:
+                 recurring: tuple[str, ...] = (), texts: tuple[tuple[str, ...], ...] = ()) -> None:
         expanded = fastavro.schema.expand_schema(schema)
         own: dict[str, bool] = {}  # shared field -> whether known by value (recurring)
         inner: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -136,25 +147,40 @@ class RecordWriter:
                     inner[head] = (ids, (*values, rest)) if by_value else ((*ids, rest), values)
                 else:
                     own[head] = by_value
-        self._parts: list[tuple[str | None, bool, Callable[[Any], bytes]]] = []
+        runs = {names[0]: names for names in texts}
+        self._parts: list[tuple[int, Any, Callable[[Any], bytes]]] = []
         run: list[dict[str, Any]] = []
-        for field in [*expanded["fields"], None]:
-            if field is not None and field["name"] not in own and field["name"] not in inner:
+        fields = expanded["fields"]
+        at = 0
+        while at <= len(fields):
+            field = fields[at] if at < len(fields) else None
+            at += 1
+            if field is not None and field["name"] not in own and field["name"] not in inner \
+                    and field["name"] not in runs:
                 run.append(field)
                 continue
             if run:
-                self._parts.append((None, False, self._segment(expanded, run)))
+                self._parts.append((_FIELDS, None, self._segment(expanded, run)))
                 run = []
-            if field is not None and field["name"] in inner:
-                self._parts.append((None, False, _within(field, *inner[field["name"]])))
-            elif field is not None:
-                if own[field["name"]] and FLOATS.search(json.dumps(field["type"])):
-                    raise ValueError(f"recurring field {field['name']!r} holds floating point "
+            if field is None:
+                continue
+            name = field["name"]
+            if name in runs:
+                texts_run = _text_run(fields, at - 1, runs[name])
+                at += len(texts_run) - 1
+                self._parts.append((_TEXTS, operator.itemgetter(*runs[name]),
+                                    self._segment(expanded, texts_run)))
+            elif name in inner:
+                self._parts.append((_FIELDS, None, _within(field, *inner[name])))
+            else:
+                if own[name] and FLOATS.search(json.dumps(field["type"])):
+                    raise ValueError(f"recurring field {name!r} holds floating point "
                                      "numbers (JSON writes NaN as null)")
-                self._parts.append((field["name"], own[field["name"]],
+                self._parts.append((_RECURRING if own[name] else _SHARED, name,
                                     self._segment(expanded, [field])))
         self._shared: dict[int, tuple[Any, bytes]] = {}  # id(value) -> (value, its bytes)
         self._recurring: dict[tuple[str, bytes], bytes] = {}  # (field, value's JSON) -> bytes
+        self._texts: dict[tuple[Any, Any], bytes] = {}  # (run's getter, its values) -> bytes
 
     @staticmethod
     def _segment(record: dict[str, Any], fields: list[dict[str, Any]]) -> Callable[[Any], bytes]:
@@ -163,20 +189,39 @@ class RecordWriter:
 
     def __call__(self, value: dict[str, Any]) -> bytes:
         out = []
-        for name, by_value, write in self._parts:
-            if name is None:
+        for kind, arg, write in self._parts:
+            if kind == _FIELDS:
                 out.append(write(value))
-            elif by_value:
-                out.append(self._by_value(name, value.get(name), write))
+            elif kind == _TEXTS:
+                out.append(self._by_texts(arg, value, write))
+            elif kind == _RECURRING:
+                out.append(self._by_value(arg, value.get(arg), write))
             else:
-                item = value.get(name)
+                item = value.get(arg)
                 known = self._shared.get(id(item))
                 if known is None or known[0] is not item:  # the value kept alive keeps its id
                     if len(self._shared) >= SHARED_CACHE:
                         self._shared.clear()
-                    known = self._shared[id(item)] = (item, write({name: item}))
+                    known = self._shared[id(item)] = (item, write({arg: item}))
                 out.append(known[1])
         return b"".join(out)
+
+    def _by_texts(self, get: Callable[[Any], Any], value: dict[str, Any],
+                  write: Callable[[Any], bytes]) -> bytes:
+        """The bytes of a run of ``texts`` fields, known by their values: equal strings (and
+        None) have the same Avro, and a value of another type is never equal to a string or
+        None (cavro does not coerce). A run with a missing field (its default written) or an
+        unhashable value (refused) is written as it is."""
+        try:
+            key = (get, get(value))
+            known = self._texts.get(key)
+        except (KeyError, TypeError):
+            return write(value)
+        if known is None:
+            if len(self._texts) >= SHARED_CACHE:
+                self._texts.clear()
+            known = self._texts[key] = write(value)
+        return known
 
     def _by_value(self, name: str, item: Any, write: Callable[[Any], bytes]) -> bytes:
         """The bytes of a recurring field's value, known by its JSON: values with the same JSON
@@ -194,6 +239,21 @@ class RecordWriter:
                 self._recurring.clear()
             known = self._recurring[(name, key)] = write({name: item})
         return known
+
+
+def _text_run(fields: list[dict[str, Any]], at: int,
+              names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The fields ``names`` (a ``texts`` run) of a record's ``fields``, from index ``at`` on:
+    they must follow one another and hold strings or enum symbols (or null)."""
+    run = fields[at:at + len(names)]
+    if [f["name"] for f in run] != list(names):
+        raise ValueError(f"text fields {names} do not follow one another in the record")
+    for f in run:
+        branches = f["type"] if isinstance(f["type"], list) else [f["type"]]
+        if not all(b in ("null", "string") or (isinstance(b, dict) and b.get("type") == "enum")
+                   for b in branches):
+            raise ValueError(f"text field {f['name']!r} holds more than strings and enums")
+    return run
 
 
 def _within(field: dict[str, Any], shared: tuple[str, ...],
@@ -275,7 +335,8 @@ class Codec:
         schema = schemas.load(self._schema_name(suffix))
         self._writers[suffix] = (data[:HEADER.size],
                                  RecordWriter(schema, SHARED_FIELDS.get(schema["name"], ()),
-                                              RECURRING_FIELDS.get(schema["name"], ())))
+                                              RECURRING_FIELDS.get(schema["name"], ()),
+                                              TEXT_RUNS.get(schema["name"], ())))
         return data
 
     def decode(self, suffix: str, data: bytes | None) -> dict[str, Any] | None:

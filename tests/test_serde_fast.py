@@ -68,8 +68,10 @@ def test_sensor_records_are_varied() -> None:
 
 
 def test_writer_writes_fastavro_bytes() -> None:
+    """As Codec writes raw.ebpf: the process shared, the recurring texts by value."""
     schema = schemas.load("EbpfEvent")
-    write = RecordWriter(schema, ("process",))
+    write = RecordWriter(schema, serde.SHARED_FIELDS[schema["name"]], (),
+                         serde.TEXT_RUNS[schema["name"]])
     records = sensor_records()
     for rec in records + records:  # the second time the process bytes come from the cache
         assert write(rec) == _fastavro(schema, rec), rec["type"]
@@ -215,3 +217,37 @@ def test_recurring_fields_refuse_floating_point() -> None:
             {"name": "x", "type": ["null", "double"]}]}]}]}
     with pytest.raises(ValueError, match="floating point"):
         RecordWriter(schema, (), ("inner",))
+
+
+def test_text_runs_are_written_by_their_values() -> None:
+    """A run of string and enum fields reuses the bytes of equal values only: a change of one
+    field (None, an empty string, another symbol) is written anew; a run with a missing field
+    (its default) or a value Avro refuses is written as it is."""
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "n", "type": "long"},
+        {"name": "a", "type": "string"},
+        {"name": "b", "type": ["null", "string"], "default": None},
+        {"name": "c", "type": ["null", {"type": "enum", "name": "E", "symbols": ["X", "Y"]}]},
+        {"name": "m", "type": ["null", "long"]}]}
+    write = RecordWriter(schema, (), (), (("a", "b", "c"),))
+    records = [{"n": n, "a": a, "b": b, "c": c, "m": n or None}
+               for n in (0, 2**40) for a in ("", "x") for b in (None, "", "x", "é")
+               for c in (None, "X", "Y")]
+    for rec in records + [dict(r) for r in records]:
+        assert write(rec) == _fastavro(schema, rec)
+    assert len(write._texts) == 2 * 4 * 3
+    missing = {"n": 1, "a": "x", "c": "X", "m": None}
+    assert write(missing) == _fastavro(schema, missing)
+    for bad in ({**records[0], "b": 1}, {**records[0], "b": ["x"]}, {**records[0], "c": "Z"}):
+        with pytest.raises((ValueError, TypeError, OverflowError)):
+            write(bad)
+
+
+@pytest.mark.parametrize("run", [("b", "a"), ("a", "c"), ("a", "n"), ("c", "m")])
+def test_text_runs_are_consecutive_texts(run: tuple[str, ...]) -> None:
+    schema = {"type": "record", "name": "R", "fields": [
+        {"name": "n", "type": "long"}, {"name": "a", "type": "string"},
+        {"name": "b", "type": "string"}, {"name": "c", "type": ["null", "string"]},
+        {"name": "m", "type": ["null", "long"]}]}
+    with pytest.raises(ValueError):
+        RecordWriter(schema, (), (), (run,))
