@@ -185,6 +185,11 @@ class Publisher:
             self._encodable.add(suffix)
         self.produce_raw(topic, key, payload, headers)
 
+    def tombstone(self, suffix: str, key: str | bytes) -> None:
+        """Queue a tombstone (no value) for ``key`` on compacted topic ``suffix``: the topic
+        keeps its records of ``key`` only until the broker has compacted them away."""
+        self.produce_raw(topic_name(self.settings, suffix), key, None)
+
     def produce_raw(self, topic: str, key: str | bytes | None, payload: bytes | None,
                     headers: dict[str, bytes] | None = None) -> None:
         """Queue already-encoded bytes: to Kafka, or to the spool while Kafka cannot take them.

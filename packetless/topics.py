@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from packetless.config import Settings
 
 DAY_MS = 24 * 3600 * 1000
+# how long a removed container's metadata is kept (for the last events of its flows): in the
+# workers' caches, and uncompacted on meta.containers (its REMOVED record, then a tombstone)
+REMOVED_CONTAINER_KEEP_MS = 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ TOPICS: dict[str, Topic] = {
         Topic("raw.netlink", "sock_diag snapshots and interface counters", "NetlinkEvent",
               retention_ms=DAY_MS),
         Topic("meta.containers", "container metadata and lifecycle, key = container id",
-              "Container", partitions=1, compacted=True),
+              "Container", partitions=1, compacted=True,
+              extra={"min.compaction.lag.ms": str(REMOVED_CONTAINER_KEEP_MS)}),
         Topic("meta.processes", "process metadata and lineage (exec, exit)", "ProcessEvent",
               partitions=1),
         Topic("flows", "enriched flows: START, UPDATE, END", "Flow"),

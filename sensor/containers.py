@@ -39,7 +39,7 @@ STICKY_FIELDS = ("cgroup_path", "cgroup_id", "netns_inode")
 MISSING_TTL_S = 30.0
 MISSING_MAX = 4096
 
-Publish = Callable[[str, str, dict[str, Any]], None]
+Publish = Callable[[str, str, dict[str, Any] | None], None]  # None: a tombstone
 
 
 @dataclass
@@ -150,6 +150,10 @@ class ContainerWatcher:
                 self._records[record["id"]] = record
             self._missing.pop(record["id"], None)
         self.publish(TOPIC, record["id"], record)
+        if record["state"] == "REMOVED":
+            # behind it, a tombstone: the compacted topic then forgets the container (after its
+            # min.compaction.lag.ms), instead of keeping a record of every container ever run
+            self.publish(TOPIC, record["id"], None)
         return record
 
     def resolve(self, container_id: str) -> dict[str, Any] | None:

@@ -45,7 +45,7 @@ PRODUCE_LATENCY = Histogram("packetless_sensor_produce_latency_seconds",
 TOPIC_TYPES = {"raw.ebpf": "ebpf", "raw.netlink": "netlink", "meta.containers": "container",
                "meta.processes": "process"}
 
-Publish = Callable[[str, str, dict[str, Any]], None]
+Publish = Callable[[str, str, dict[str, Any] | None], None]  # None: a tombstone
 
 
 @dataclass
@@ -77,8 +77,11 @@ def make_publish(publisher: Publisher, on_container: Callable[[str], object]) ->
     lost_seen = 0
     counted: dict[str, Any] = {}  # suffix -> its EVENTS child (labels() costs more than inc())
 
-    def publish(suffix: str, key: str, record: dict[str, Any]) -> None:
+    def publish(suffix: str, key: str, record: dict[str, Any] | None) -> None:
         nonlocal lost_seen
+        if record is None:  # a tombstone (compacted topics): what the key named is gone
+            publisher.tombstone(suffix, key)
+            return
         events = counted.get(suffix)
         if events is None:
             events = counted[suffix] = EVENTS.labels(TOPIC_TYPES.get(suffix, suffix))

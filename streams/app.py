@@ -998,7 +998,7 @@ class Worker:
             log.warning("%s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, exc.reason)
             return
         if suffix == "meta.containers":
-            self.meta.add_container(msg.key.decode() if msg.key else None, record)
+            self.meta.add_container(msg.key.decode() if msg.key else None, record, msg.timestamp)
             for ip in record.get("ip_addresses") or [] if record else []:
                 self.local.add(record["host_name"], ip)
         elif record is None:

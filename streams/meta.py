@@ -11,9 +11,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from packetless.topics import REMOVED_CONTAINER_KEEP_MS
+
 MAX_PROCESSES = 200_000
 CHANGES = 65_536  # the latest changes kept, to tell which flows new metadata concerns
-REMOVED_KEEP_MS = 3600 * 1000  # how long a removed container is kept for its flows' last events
 
 MetaKey = str | tuple[str, int]
 """What a metadata record is about: a container id, or a process as (host, pid)."""
@@ -30,12 +31,12 @@ class MetaCache:
     changes: deque[MetaKey] = field(default_factory=lambda: deque(maxlen=CHANGES))  # by version
     removed: dict[str, int] = field(default_factory=dict)  # container id -> removed at (ms)
 
-    def add_container(self, key: str | None, record: dict[str, Any] | None) -> None:
-        """A meta.containers record; None (a tombstone) forgets the container."""
+    def add_container(self, key: str | None, record: dict[str, Any] | None, at_ms: int = 0) -> None:
+        """A meta.containers record; None (a tombstone, written at ``at_ms``): the container is
+        gone, and forgotten as a removed one (``expire``)."""
         if record is None:
-            if key and self.containers.pop(key, None) is not None:
-                self._changed(key)
-                self.removed.pop(key, None)
+            if key is not None and key in self.containers and key not in self.removed:
+                self.removed[key] = at_ms
             return
         current = self.containers.get(record["id"])
         if current is None or record["timestamp_ms"] >= current["timestamp_ms"]:
@@ -46,12 +47,12 @@ class MetaCache:
                 self.removed[record["id"]] = record["timestamp_ms"]
 
     def expire(self, now_ms: int) -> None:
-        """Forget the containers removed more than ``REMOVED_KEEP_MS`` before ``now_ms``, in the
-        order their removals came (about their times): meta.containers keeps the last record of
-        every container a host ever ran, which a worker reads at start."""
+        """Forget the containers removed more than ``REMOVED_CONTAINER_KEEP_MS`` before
+        ``now_ms``, in the order their removals came (about their times): a container's
+        metadata is kept for the last events of its flows, then the cache would only grow."""
         while self.removed:
             container_id, removed_ms = next(iter(self.removed.items()))
-            if removed_ms >= now_ms - REMOVED_KEEP_MS:
+            if removed_ms >= now_ms - REMOVED_CONTAINER_KEEP_MS:
                 return
             del self.removed[container_id]
             self.containers.pop(container_id, None)

@@ -49,15 +49,21 @@ SCHEMA_OF_TOPIC = {"raw.netlink": "NetlinkEvent", "meta.containers": "Container"
 
 
 class Published:
-    """A ``publish`` callable collecting (topic, key, value) and checking values against Avro."""
+    """A ``publish`` callable collecting (topic, key, value) and checking values against Avro
+    (tombstones, None, apart)."""
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str, dict[str, Any]]] = []
+        self.tombstones: list[tuple[str, str, int]] = []  # topic, key, values before it
         self._parsed = {topic: fastavro.parse_schema(schemas.load(name))
                         for topic, name in SCHEMA_OF_TOPIC.items()}
         self._lock = threading.Lock()
 
-    def __call__(self, topic: str, key: str, value: dict[str, Any]) -> None:
+    def __call__(self, topic: str, key: str, value: dict[str, Any] | None) -> None:
+        if value is None:
+            with self._lock:
+                self.tombstones.append((topic, key, len(self.items)))
+            return
         fastavro.validation.validate(value, self._parsed[topic], raise_errors=True)
         with self._lock:
             self.items.append((topic, key, value))
@@ -323,6 +329,12 @@ def test_container_metadata_lifecycle(docker_client, containers) -> None:
                                                                 container.id)
                                     if v["state"] == "REMOVED"])
         assert removed[-1]["name"] == container.name + "-renamed"
+        # behind the REMOVED record, a tombstone: the compacted topic forgets the container
+        wait_for(lambda: any(t[:2] == ("meta.containers", container.id)
+                             for t in published.tombstones))
+        (at,) = [n for topic, key, n in published.tombstones if key == container.id]
+        before = [v for _t, k, v in published.items[:at] if k == container.id]
+        assert before[-1]["state"] == "REMOVED"
     finally:
         stop.set()
         thread.join(timeout=10)

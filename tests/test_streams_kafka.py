@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import ConfigResource
 
 import schemas
 from packetless.config import Settings
-from packetless.kafka import Publisher, consumer, ensure_schemas, ensure_topics
+from packetless.kafka import Publisher, admin, consumer, ensure_schemas, ensure_topics
 from packetless.serde import Codec
-from packetless.topics import TOPICS, topic_name
+from packetless.topics import REMOVED_CONTAINER_KEEP_MS, TOPICS, topic_name
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.kafka
@@ -468,7 +469,13 @@ def test_worker_reads_only_the_process_records_its_cache_holds(stack_settings: S
     add = worker.meta.add_process
     worker.meta.add_process = lambda rec: (read.append(rec["process"]["pid"]),  # type: ignore[method-assign]
                                            add(rec))[1]
+    metadata_read(worker)
+    assert read == list(range(36, 61))
+    assert worker.meta.containers["c" * 64]["name"] == "first"
 
+
+def metadata_read(worker: Any) -> None:
+    """Run ``worker``'s metadata task until the metadata present at start is read."""
     async def until_ready() -> None:
         task = asyncio.create_task(worker.metadata_task())
         try:
@@ -478,8 +485,44 @@ def test_worker_reads_only_the_process_records_its_cache_holds(stack_settings: S
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(until_ready())
-    assert read == list(range(36, 61))
-    assert worker.meta.containers["c" * 64]["name"] == "first"
+
+
+def test_removed_container_is_tombstoned_and_kept_a_while(stack_settings: Settings) -> None:
+    """The sensor writes a tombstone behind a removed container's REMOVED record (``publish``
+    with None): on the broker it has no value, so that compaction forgets the container; a
+    worker keeps it, as removed at its REMOVED record's time, for its flows' last events."""
+    from sensor.run import make_publish
+    from streams.app import StreamOptions, Worker
+
+    s = stack_settings
+    pub = Publisher(s)
+    publish = make_publish(pub, lambda _cid: None)
+    removed_ms = int(time.time() * 1000) - 1000
+    cid = "d" * 64
+    publish("meta.containers", cid, {**schemas.defaults("Container"), "id": cid, "host_name": "h1",
+                                     "name": "gone", "runtime": "docker", "state": "REMOVED",
+                                     "event": "destroy", "timestamp_ms": removed_ms})
+    publish("meta.containers", cid, None)
+    assert pub.flush(30) == 0
+    reader = consumer(s, None)
+    reader.subscribe([topic_name(s, "meta.containers")])
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        msg = reader.poll(0.5)
+        if msg is not None and not msg.error():
+            got.append((msg.key(), msg.value()))
+    reader.close()
+    assert [k for k, _v in got] == [cid.encode()] * 2 and got[0][1] and got[1][1] is None
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic_name(s, "meta.containers"))
+    client = admin(s)  # kept while its answer comes
+    config = client.describe_configs([resource])[resource].result(30)
+    assert config["min.compaction.lag.ms"].value == str(REMOVED_CONTAINER_KEEP_MS)
+    assert config["cleanup.policy"].value == "compact"
+    worker = Worker(s, f"g{s.topic_prefix[:-1]}", "127.0.0.1", free_port(), StreamOptions())
+    metadata_read(worker)
+    assert worker.meta.containers[cid]["name"] == "gone"
+    assert worker.meta.removed == {cid: removed_ms}
 
 
 def test_raw_decoder_agrees_with_codec(stack_settings: Settings) -> None:

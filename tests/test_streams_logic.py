@@ -992,10 +992,10 @@ def test_quiet_entities_leave_the_views_and_their_series_leave_metrics() -> None
 
 
 def test_removed_containers_are_forgotten_an_hour_after_their_removal() -> None:
-    """meta.containers keeps the last record of every container a host ever ran (REMOVED for
-    the gone ones), and a worker reads it whole: a removed container is kept for its flows'
-    last events, then forgotten; running ones stay."""
-    from streams.meta import REMOVED_KEEP_MS
+    """A removed container (its REMOVED record, or a tombstone) is kept for its flows' last
+    events, then forgotten; running ones stay. A tombstone changes nothing at once: no flow
+    is revisited for it."""
+    from packetless.topics import REMOVED_CONTAINER_KEEP_MS as REMOVED_KEEP_MS
 
     meta = MetaCache()
     now = T0 // 1_000_000
@@ -1007,8 +1007,14 @@ def test_removed_containers_are_forgotten_an_hour_after_their_removal() -> None:
     container("old", "REMOVED", now - REMOVED_KEEP_MS - 1)
     container("recent", "REMOVED", now - 1000)
     container("running", "RUNNING", now - 3 * REMOVED_KEEP_MS)
+    container("dropped", "STOPPED", now - 3 * REMOVED_KEEP_MS)
+    version = meta.version
+    meta.add_container("recent", None, now)  # behind its REMOVED record: still the same time
+    meta.add_container("dropped", None, now - 10)  # its REMOVED record was compacted away
+    meta.add_container("unknown", None, now)
+    assert meta.version == version and "dropped" in meta.containers
     meta.expire(now)
-    assert sorted(meta.containers) == ["recent", "running"]
+    assert sorted(meta.containers) == ["dropped", "recent", "running"]
     meta.expire(now + REMOVED_KEEP_MS)
     assert sorted(meta.containers) == ["running"] and meta.removed == {}
 
