@@ -23,7 +23,14 @@ from typing import Any, TypeVar
 import fastavro
 import fastavro.validation
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ConfigSource,
+    NewTopic,
+)
 from confluent_kafka.schema_registry import Schema, SchemaRegistryError
 
 import schemas
@@ -585,11 +592,42 @@ def admin(settings: Settings) -> AdminClient:
 
 def ensure_topics(settings: Settings, suffixes: Iterable[str] | None = None,
                   timeout: float = 30.0) -> list[str]:
-    """Create the missing Packetless topics; returns the names created."""
+    """Create the missing Packetless topics, and give the existing ones the settings of their
+    definition that they lack (``complete_configs``); returns the names created."""
     wanted = [TOPICS[s] for s in (suffixes or TOPICS)]
-    return create_topics(admin(settings), [
+    client = admin(settings)
+    created = create_topics(client, [
         NewTopic(topic_name(settings, t.suffix), num_partitions=t.partitions,
                  replication_factor=1, config=t.config()) for t in wanted], timeout)
+    complete_configs(client, {topic_name(settings, t.suffix): t.config() for t in wanted
+                              if topic_name(settings, t.suffix) not in created}, timeout)
+    return created
+
+
+def complete_configs(client: AdminClient, configs: dict[str, dict[str, str]],
+                     timeout: float = 30.0) -> dict[str, dict[str, str]]:
+    """Set on existing topics the entries of ``configs`` (topic -> settings) that the topic
+    does not set itself (a topic made by an earlier version lacks a newer setting); a value an
+    operator set on the topic is left as it is. Returns what was set, by topic."""
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in configs]
+    if not resources:
+        return {}
+    described = client.describe_configs(resources, request_timeout=timeout)
+    changes: dict[str, dict[str, str]] = {}
+    for resource, future in described.items():
+        current = future.result()
+        missing = {key: value for key, value in configs[resource.name].items()
+                   if key in current and current[key].value != value
+                   and ConfigSource(current[key].source) != ConfigSource.DYNAMIC_TOPIC_CONFIG}
+        if missing:
+            changes[resource.name] = missing
+    if changes:
+        alter = [ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[
+            ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+            for key, value in entries.items()]) for name, entries in changes.items()]
+        for future in client.incremental_alter_configs(alter, request_timeout=timeout).values():
+            future.result()
+    return changes
 
 
 def create_topics(client: AdminClient, topics: list[NewTopic], timeout: float = 30.0) -> list[str]:

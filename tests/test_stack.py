@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import ConfigResource, NewTopic
 from fastavro.utils import generate_many
 
 import schemas
 from packetless.config import Settings
-from packetless.kafka import Publisher, admin, ensure_topics
+from packetless.kafka import Publisher, admin, complete_configs, create_topics, ensure_topics
 from packetless.serde import Codec
-from packetless.topics import TOPICS, topic_name
+from packetless.topics import REMOVED_CONTAINER_KEEP_MS, TOPICS, topic_name
 from tests.conftest import free_port, free_port_pair, start_stack
 
 pytestmark = pytest.mark.kafka
@@ -70,6 +71,25 @@ def test_created_topics_are_in_the_brokers_metadata_once_ensure_topics_returns(
             meta = listed.get(topic_name(fresh, suffix))
             assert meta is not None and meta.error is None, (i, suffix)
             assert [p.leader >= 0 for p in meta.partitions.values()] == [True] * topic.partitions
+
+
+def test_existing_topics_get_the_settings_they_lack_and_keep_their_own(settings: Settings) -> None:
+    """Topics made by an earlier version lack a newer setting of their definition (meta.containers'
+    compaction lag): ``ensure_topics`` sets it. A value an operator set on a topic (raw.ebpf's
+    retention) stays."""
+    s = Settings(**{**settings.__dict__, "topic_prefix": f"cfg{os.getpid()}."})
+    client = admin(s)
+    containers, raw = topic_name(s, "meta.containers"), topic_name(s, "raw.ebpf")
+    create_topics(client, [NewTopic(containers, 1, 1, config={"cleanup.policy": "compact"}),
+                           NewTopic(raw, 4, 1, config={"cleanup.policy": "delete",
+                                                       "retention.ms": "3600000"})])
+    assert ensure_topics(s, ["meta.containers", "raw.ebpf"]) == []
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in (containers, raw)]
+    configs = {r.name: f.result(30) for r, f in client.describe_configs(resources).items()}
+    assert configs[containers]["min.compaction.lag.ms"].value == str(REMOVED_CONTAINER_KEEP_MS)
+    assert configs[raw]["retention.ms"].value == "3600000"
+    assert complete_configs(client, {t: TOPICS[suffix].config() for t, suffix in (
+        (containers, "meta.containers"), (raw, "raw.ebpf"))}) == {}
 
 
 def test_restart_keeps_topics_schemas_and_data(tmp_path: Path) -> None:
