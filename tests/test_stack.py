@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource, NewTopic
 from fastavro.utils import generate_many
 
@@ -90,6 +91,22 @@ def test_existing_topics_get_the_settings_they_lack_and_keep_their_own(settings:
     assert configs[raw]["retention.ms"].value == "3600000"
     assert complete_configs(client, {t: TOPICS[suffix].config() for t, suffix in (
         (containers, "meta.containers"), (raw, "raw.ebpf"))}) == {}
+
+
+def test_topics_whose_settings_cannot_be_read_are_left_as_they_are(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A principal allowed to create topics but not to read or alter their configurations
+    starts all the same, and is told what to set by hand."""
+    import packetless.kafka
+
+    def refused(*_args: object) -> dict[str, dict[str, str]]:
+        raise KafkaException(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "not allowed"))
+
+    s = Settings(**{**settings.__dict__, "topic_prefix": f"acl{os.getpid()}."})
+    assert len(ensure_topics(s, ["meta.containers"])) == 1
+    monkeypatch.setattr(packetless.kafka, "complete_configs", refused)
+    assert ensure_topics(s, ["meta.containers"]) == []
+    assert "min.compaction.lag.ms" in caplog.text and "not allowed" in caplog.text
 
 
 def test_restart_keeps_topics_schemas_and_data(tmp_path: Path) -> None:
