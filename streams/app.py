@@ -214,13 +214,13 @@ class Metrics:
     def forget_containers(self, names: set[str]) -> None:
         """Remove the series of containers no longer seen."""
         for name in names:
-            series: list[tuple[Any, tuple[str, ...]]] = [
-                (self.container_bytes, (name, direction)) for direction in ("in", "out")]
-            series += [(self.container_rtt, (name, quantile, role))
-                       for quantile in RTT_QUANTILES for role in ("client", "server")]
-            for metric, values in series:
-                with contextlib.suppress(KeyError):  # never observed
-                    metric.remove(*values)
+            with contextlib.suppress(KeyError):  # never observed
+                for direction in ("in", "out"):
+                    self.container_bytes.remove(name, direction)
+            for quantile in RTT_QUANTILES:
+                for role in ("client", "server"):
+                    with contextlib.suppress(KeyError):  # no RTT as this role
+                        self.container_rtt.remove(name, quantile, role)
 
 
 @dataclass

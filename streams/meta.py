@@ -120,16 +120,19 @@ class MetaCache:
         """What is known about these containers and processes: a change means new metadata.
         (The JSON of ``[known, exes]``, the flows table's format, written without ``json``.)"""
         known = ", ".join(_BOOL[c in self.containers] for c in container_ids if c)
-        exes = ", ".join(_BOOL[bool((self.process(host, p) or {}).get("exe"))] for p in procs if p)
+        exes = ", ".join(_BOOL[self._has_exe(host, p)] for p in procs if p)
         return f"[[{known}], [{exes}]]"
 
     def missing(self, host: str, container_ids: list[str | None],
                 procs: list[dict[str, Any] | None]) -> set[MetaKey]:
         """The containers and processes of these that ``signature`` gives as not known."""
         lacking: set[MetaKey] = {c for c in container_ids if c and c not in self.containers}
-        lacking.update((host, p["pid"]) for p in procs
-                       if p and not (self.process(host, p) or {}).get("exe"))
+        lacking.update((host, p["pid"]) for p in procs if p and not self._has_exe(host, p))
         return lacking
+
+    def _has_exe(self, host: str, proc: dict[str, Any]) -> bool:
+        """Whether the details of ``proc`` (its executable first) are known."""
+        return bool((self.process(host, proc) or {}).get("exe"))
 
 
 @dataclass
